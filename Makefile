@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines: pin torch in the same pip command, or pip resolves a multi-GB CUDA build.
+# On GPU machines: make install TORCH_SPEC=torch (or install your CUDA torch first).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -q
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration -q
+
+clean:
+	rm -rf runs .pytest_cache

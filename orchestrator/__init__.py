@@ -1,0 +1,1 @@
+"""Ray LLM orchestrator: continued pretraining and SFT on Ray Train."""

@@ -1,0 +1,90 @@
+"""`orchestrator …` sub-commands. Each parses arguments, loads the config and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from orchestrator.errors import OrchestratorError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--address", default=None, help="Ray address; default: RAY_ADDRESS or a new local cluster")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.train.learning_rate=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("pretrain", "stage 1: continued pretraining on documents"),
+        ("sft", "stage 2: supervised fine-tuning on conversations"),
+        ("pipeline", "stage 1, merge, then stage 2 on stage 1's model"),
+    ):
+        _add_config_args(sub.add_parser(name, help=help_text))
+    show = sub.add_parser("config", help="print the resolved config (after overrides) or the schema")
+    show.add_argument("what", choices=["show", "schema"])
+    show.add_argument("--config", "-c")
+    show.add_argument("overrides", nargs="*")
+    gen = sub.add_parser("generate", help="print a completion from a model directory")
+    gen.add_argument("--model", required=True, help="Hugging Face model directory (e.g. runs/<run>/models/sft)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as plain text")
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from orchestrator.config import describe_schema, load_config
+
+    if args.command == "config":
+        if args.what == "schema":
+            print("\n".join(describe_schema()))
+        else:
+            import yaml
+
+            config = load_config(args.config, args.overrides)
+            print(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
+        return 0
+    if args.command == "generate":
+        from orchestrator.model.generate import generate_text, load_for_generation
+
+        model, tokenizer = load_for_generation(args.model)
+        print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.raw,
+                            do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty))
+        return 0
+    from orchestrator.train.pipeline import run_pipeline, run_stage
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "pipeline":
+        stages = run_pipeline(config, args.address).stages
+    else:
+        stages = [run_stage(config, args.command, ray_address=args.address)]
+    for result in stages:
+        print(json.dumps({"stage": result.stage, "model": result.model_uri, "checkpoint": result.checkpoint_uri,
+                          "metrics": result.metrics, "data": result.data_stats,
+                          "wall_seconds": round(result.wall_seconds, 1)}, ensure_ascii=False))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""One stage's data, start to finish: read → validate → canonical form → train/eval split → tokens.
+
+Runs once on the driver, before any worker starts, so a bad record stops the run in seconds
+rather than after the cluster has spun up. The result is a pair of Arrow tables (columns
+`input_ids`, and `labels` for stage 2) that the trainer hands to Ray Data for sharding.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from orchestrator.config import DataConfig
+from orchestrator.data.formats import load_examples
+from orchestrator.data.pretrain import pack_documents
+from orchestrator.data.sft import tokenize_conversations
+from orchestrator.data.templates import select_template
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+
+StageKind = Literal["pretrain", "sft"]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Tokenized train/eval tables plus the numbers worth reporting."""
+
+    train: pa.Table
+    eval: Optional[pa.Table]
+    stats: dict[str, Any]
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.stats["train_tokens"])
+
+
+def split_eval(items: list, eval_split: float, seed: int) -> tuple[list, list]:
+    """Shuffle with `seed` and hold out round(n * eval_split) items (at least 1 when eval_split > 0)."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    if eval_split <= 0 or len(items) < 2:
+        return items, []
+    n_eval = min(len(items) - 1, max(1, round(len(items) * eval_split)))
+    return items[n_eval:], items[:n_eval]
+
+
+def _blocks_table(blocks: np.ndarray) -> pa.Table:
+    flat = pa.array(blocks.reshape(-1), type=pa.int32())
+    offsets = pa.array(np.arange(0, blocks.size + 1, blocks.shape[1], dtype=np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat)})
+
+
+def _ragged_table(columns: dict[str, Sequence[np.ndarray]]) -> pa.Table:
+    out = {}
+    for name, arrays in columns.items():
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+        out[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
+    return pa.table(out)
+
+
+def prepare_pretrain(data: DataConfig, tokenizer: Any) -> PreparedData:
+    """Stage 1 data: documents (SFT records flattened) → packed blocks, split by document."""
+    documents, report = load_examples(
+        data.sources, "documents", data.bad_records, data.conversations_as_documents, data.shuffle_seed
+    )
+    if data.eval_sources:
+        train_docs = documents
+        eval_docs, _ = load_examples(
+            data.eval_sources, "documents", data.bad_records, data.conversations_as_documents, data.shuffle_seed
+        )
+    else:
+        train_docs, eval_docs = split_eval(documents, data.eval_split, data.shuffle_seed)
+    train = pack_documents(train_docs, tokenizer, data.block_size)
+    eval_table = None
+    eval_blocks = 0
+    if eval_docs:
+        try:
+            packed_eval = pack_documents(eval_docs, tokenizer, data.block_size)
+            eval_table, eval_blocks = _blocks_table(packed_eval.blocks), len(packed_eval.blocks)
+        except DataError:
+            log.warning("held-out documents are shorter than one block; no evaluation this stage")
+    stats = {
+        "records": report.records,
+        "skipped_records": report.skipped,
+        "train_documents": len(train_docs),
+        "eval_documents": len(eval_docs),
+        "train_blocks": len(train.blocks),
+        "eval_blocks": eval_blocks,
+        "block_size": data.block_size,
+        "train_tokens": int(train.blocks.size),
+        "dropped_tail_tokens": train.dropped_tokens,
+    }
+    _log_stats("pretrain", stats, report.errors)
+    return PreparedData(_blocks_table(train.blocks), eval_table, stats)
+
+
+def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
+    """Stage 2 data: conversations → masked examples, split by conversation."""
+    template = select_template(data.template, tokenizer)
+    conversations, report = load_examples(data.sources, "conversations", data.bad_records, seed=data.shuffle_seed)
+    if data.eval_sources:
+        train_conv = conversations
+        eval_conv, _ = load_examples(data.eval_sources, "conversations", data.bad_records, seed=data.shuffle_seed)
+    else:
+        train_conv, eval_conv = split_eval(conversations, data.eval_split, data.shuffle_seed)
+    train, dropped = tokenize_conversations(train_conv, tokenizer, template, data.max_length, data.train_on)
+    if not train:
+        raise DataError("no stage-2 example has a trainable token after truncation; raise data.max_length")
+    evals, _ = tokenize_conversations(eval_conv, tokenizer, template, data.max_length, data.train_on)
+    lengths = np.array([len(e.input_ids) for e in train])
+    stats = {
+        "records": report.records,
+        "skipped_records": report.skipped,
+        "template": template.name,
+        "train_examples": len(train),
+        "eval_examples": len(evals),
+        "dropped_untrainable": dropped,
+        "train_tokens": int(lengths.sum()),
+        "trainable_tokens": int(sum(int((e.labels != -100).sum()) for e in train)),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+    }
+    _log_stats("sft", stats, report.errors)
+    train_table = _ragged_table({"input_ids": [e.input_ids for e in train], "labels": [e.labels for e in train]})
+    eval_table = (
+        _ragged_table({"input_ids": [e.input_ids for e in evals], "labels": [e.labels for e in evals]})
+        if evals
+        else None
+    )
+    return PreparedData(train_table, eval_table, stats)
+
+
+def prepare_stage_data(stage: StageKind, data: DataConfig, tokenizer: Any) -> PreparedData:
+    """Dispatch on the stage kind."""
+    if not data.sources:
+        raise DataError(f"{stage}.data.sources is empty; list at least one file, directory, glob or URI")
+    return prepare_pretrain(data, tokenizer) if stage == "pretrain" else prepare_sft(data, tokenizer)
+
+
+def _log_stats(stage: str, stats: dict, errors: list) -> None:
+    log.info("%s data: %s", stage, ", ".join(f"{k}={v}" for k, v in stats.items()))
+    for err in errors:
+        log.warning("skipped bad record: %s", err)

@@ -1,0 +1,136 @@
+"""Files, directories, globs and URIs → raw records, each tagged with where it came from.
+
+Supported: JSONL, JSON (a list of records, or JSONL saved as .json), Parquet, plain text and
+Markdown. A raw record is a dict (structured formats) or a string (text files); its origin is
+``file:line`` for line-based files and ``file#index`` for JSON lists and Parquet rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import pyarrow.parquet as pq
+
+from orchestrator import storage
+from orchestrator.config import DataSourceConfig
+from orchestrator.errors import DataError, RecordError
+
+JSON_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = JSON_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read, before validation. `error` is set when the record could not even be parsed."""
+
+    value: Any
+    origin: str
+    error: Optional[RecordError] = None
+
+
+def read_source(source: DataSourceConfig) -> Iterator[RawRecord]:
+    """Every raw record of a source, files in sorted order, at most `source.max_records`."""
+    count = 0
+    for uri in storage.expand(source.path, SUPPORTED_SUFFIXES):
+        for record in read_file(uri, text_unit=source.text_unit):
+            yield record
+            count += 1
+            if source.max_records is not None and count >= source.max_records:
+                return
+
+
+def read_file(uri: str, text_unit: str = "auto") -> Iterator[RawRecord]:
+    """Raw records of one file, chosen by its suffix."""
+    lower = uri.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        yield from _read_parquet(uri)
+        return
+    text = _decode(uri, storage.read_bytes(uri))
+    if lower.endswith(".jsonl"):
+        yield from _read_jsonl(uri, text)
+    elif lower.endswith(".json"):
+        yield from _read_json(uri, text)
+    elif lower.endswith(TEXT_SUFFIXES):
+        yield from _read_text(uri, text, text_unit)
+    else:
+        raise DataError(f"{uri}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def _decode(uri: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{uri}:{line}: not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+
+
+def _read_jsonl(uri: str, text: str) -> Iterator[RawRecord]:
+    for number, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        origin = f"{uri}:{number}"
+        try:
+            yield RawRecord(json.loads(line), origin)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(None, origin, RecordError(origin, "(line)", "a JSON object", f"invalid JSON: {exc.msg} at column {exc.colno}"))
+
+
+def _read_json(uri: str, text: str) -> Iterator[RawRecord]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            # Many datasets are JSON Lines saved with a .json suffix.
+            yield from _read_jsonl(uri, text)
+            return
+        raise DataError(f"{uri}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{uri}: expected a JSON list of records (or an object holding one list), got an object")
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{uri}: expected a JSON list of records, got {type(data).__name__}")
+    for index, value in enumerate(data):
+        yield RawRecord(value, f"{uri}#{index}")
+
+
+def _read_parquet(uri: str) -> Iterator[RawRecord]:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as handle:
+        table = pq.read_table(handle)
+    for index, row in enumerate(table.to_pylist()):
+        yield RawRecord(row, f"{uri}#{index}")
+
+
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def _read_text(uri: str, text: str, text_unit: str) -> Iterator[RawRecord]:
+    unit = text_unit
+    if unit == "auto":
+        unit = "file" if uri.lower().endswith((".md", ".markdown")) else "line"
+    if unit == "file":
+        if text.strip():
+            yield RawRecord(text.strip(), f"{uri}:1")
+        return
+    if unit == "line":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                yield RawRecord(line.strip(), f"{uri}:{number}")
+        return
+    # paragraph: blank-line separated blocks, origin = first line of the block
+    position = 0
+    for block in _BLANK_LINES.split(text):
+        start = text.find(block, position)
+        position = start + len(block)
+        if block.strip():
+            first_char = start + len(block) - len(block.lstrip())
+            line = text.count("\n", 0, first_char) + 1
+            yield RawRecord(block.strip(), f"{uri}:{line}")

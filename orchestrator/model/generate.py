@@ -1,0 +1,45 @@
+"""Plain Hugging Face generation from a model directory (the `orchestrator generate` command)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from orchestrator.data.templates import select_template
+from orchestrator.model.loading import load_tokenizer
+
+
+def load_for_generation(model_dir: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    return model, load_tokenizer(model_dir)
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat: bool = True, template: str = "auto",
+                  system: Optional[str] = None) -> str:
+    """The text the model sees: the chat template's generation prompt, or the raw prompt (chat=False)."""
+    if not chat:
+        return prompt
+    return select_template(template, tokenizer).generation_prompt(prompt, system)
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, chat: bool = True,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  repetition_penalty: float = 1.0, template: str = "auto") -> str:
+    """Completion of `prompt` (only the new text)."""
+    text = format_prompt(tokenizer, prompt, chat, template)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,146 @@
+"""The checkpoint format, shared by resume, export, merge and serving.
+
+    checkpoint_step00000040/
+      model/              Hugging Face directory: full weights (safetensors) or the LoRA adapter,
+                          plus config and tokenizer (written by rank 0)
+      deepspeed/state/    DeepSpeed engine state: module, optimizer shards (one per rank), scheduler
+      rng/rank{r}.pt      RNG states per rank
+      trainer_state.json  epoch, step within epoch, global step, metrics
+      manifest.json       written LAST: every file with size and sha256 (all ranks)
+
+A checkpoint without a manifest, or whose files do not match it, is incomplete and never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from orchestrator.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+MODEL_DIR = "model"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: `micro_step_in_epoch` micro-batches of `epoch` are done."""
+
+    epoch: int = 0
+    micro_step_in_epoch: int = 0
+    global_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir_name(global_step: int) -> str:
+    return f"checkpoint_step{global_step:08d}"
+
+
+def file_entries(root: str) -> dict[str, dict[str, Any]]:
+    """Every file under `root` (except the manifest) → size and sha256."""
+    entries = {}
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            entries[str(path.relative_to(root))] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    return entries
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(root: str, files: dict[str, dict[str, Any]], state: TrainerState, extra: dict[str, Any]) -> None:
+    """Write manifest.json last, atomically (temp file + rename)."""
+    manifest = {"format_version": FORMAT_VERSION, "files": files, "trainer_state": asdict(state), **extra}
+    tmp = os.path.join(root, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def verify_checkpoint(root: str, check_hashes: bool = False) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError naming what is missing otherwise."""
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise CheckpointError(f"{root}: incomplete checkpoint (no {MANIFEST}; it is written last)")
+    with open(manifest_path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    for rel, entry in manifest["files"].items():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{root}: incomplete checkpoint: {rel} is listed in the manifest but missing")
+        if os.path.getsize(path) != entry["size"]:
+            raise CheckpointError(f"{root}: incomplete checkpoint: {rel} has {os.path.getsize(path)} bytes, "
+                                  f"manifest says {entry['size']}")
+        if check_hashes and sha256_of(path) != entry["sha256"]:
+            raise CheckpointError(f"{root}: {rel} does not match its sha256 in the manifest")
+    return manifest
+
+
+def latest_complete_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest complete `checkpoint_step*` directory under a local run directory, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    candidates = sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint_step")), reverse=True)
+    for name in candidates:
+        path = os.path.join(run_dir, name)
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def read_trainer_state(root: str) -> TrainerState:
+    with open(os.path.join(root, TRAINER_STATE), encoding="utf-8") as handle:
+        return TrainerState(**json.load(handle))
+
+
+def write_trainer_state(root: str, state: TrainerState) -> None:
+    with open(os.path.join(root, TRAINER_STATE), "w", encoding="utf-8") as handle:
+        json.dump(asdict(state), handle, indent=1)
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(root: str, rank: int) -> None:
+    os.makedirs(os.path.join(root, "rng"), exist_ok=True)
+    torch.save(capture_rng(), os.path.join(root, "rng", f"rank{rank}.pt"))
+
+
+def load_rng(root: str, rank: int) -> bool:
+    path = os.path.join(root, "rng", f"rank{rank}.pt")
+    if not os.path.exists(path):
+        return False
+    restore_rng(torch.load(path, weights_only=False))
+    return True

@@ -1,0 +1,328 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+One readable recipe: build the model (+LoRA), wrap it in DeepSpeed, resume if Ray Train hands us a
+checkpoint, then epochs of micro-batches from this worker's Ray Data shard with gradient
+accumulation, warm-up + schedule and clipping (DeepSpeed steps both), evaluation each epoch, and
+checkpoints reported through `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from orchestrator import storage
+from orchestrator.config import PipelineConfig, config_from_dict
+from orchestrator.model.loading import align_vocab, load_causal_lm, load_tokenizer, resolve_dtype
+from orchestrator.model.peft import apply_lora
+from orchestrator.train import checkpoint as ckpt
+from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from orchestrator.train.metrics_log import MetricsLog
+
+log = logging.getLogger("orchestrator.train")
+IGNORE_INDEX = -100
+
+
+def schedule_for(rows: int, world_size: int, micro_batch_size: int, accumulation: int, epochs: int) -> dict[str, int]:
+    """Micro-batches per epoch per worker (a whole number of optimizer steps) and optimizer steps in total.
+
+    Ray Data's equal split gives every worker rows // world_size rows; partial micro-batches and
+    partial accumulation windows at the end of an epoch are dropped so every epoch ends on an
+    optimizer step and every worker runs the same number of collectives.
+    """
+    micro = (rows // world_size) // micro_batch_size
+    steps_per_epoch = micro // accumulation
+    return {
+        "micro_batches_per_epoch": steps_per_epoch * accumulation,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * epochs,
+    }
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad a numpy batch of token lists to its longest row; labels default to the inputs (stage 1)."""
+    rows = batch["input_ids"]
+    labels = batch.get("labels")
+    longest = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    label_ids = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, row in enumerate(rows):
+        n = len(row)
+        input_ids[i, :n] = row
+        label_ids[i, :n] = row if labels is None else labels[i]
+        mask[i, :n] = 1
+    return {
+        "input_ids": torch.from_numpy(input_ids).to(device),
+        "attention_mask": torch.from_numpy(mask).to(device),
+        "labels": torch.from_numpy(label_ids).to(device),
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _make_scheduler(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: torch.device) -> Iterator[dict]:
+    for batch in shard.iter_batches(
+        batch_size=micro_batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=max(micro_batch_size * 16, 256),
+        local_shuffle_seed=seed,
+    ):
+        yield collate(batch, pad_id, device)
+
+
+def evaluate(engine: Any, eval_data: Any, micro_batch_size: int, pad_id: int, device: torch.device,
+             max_batches: Optional[int]) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity on the held-out set (every worker sees all of it)."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(eval_data.iter_batches(batch_size=micro_batch_size, batch_format="numpy")):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = collate(batch, pad_id, device)
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if count == 0:
+                continue
+            loss_sum += float(engine(**batch).loss.float()) * count
+            tokens += count
+    engine.train()
+    if tokens == 0:
+        return {}
+    loss = loss_sum / tokens
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def _save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, rank: int) -> None:
+    """Hugging Face directory of the current weights (the LoRA adapter for LoRA runs)."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        # ZeRO-3 keeps only a shard per rank; gather the real tensors (collective) before saving.
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if rank == 0:
+                module.save_pretrained(out_dir, safe_serialization=True)
+    elif rank == 0:
+        module.save_pretrained(out_dir, safe_serialization=True)
+    if rank == 0:
+        tokenizer.save_pretrained(out_dir)
+
+
+def _save_checkpoint(engine: Any, tokenizer: Any, state: ckpt.TrainerState, extra: dict, zero_stage: int,
+                     is_lora: bool, logs: Optional[MetricsLog], metrics: dict) -> None:
+    """Write this rank's part of a checkpoint into a temp dir and report it (Ray merges the ranks' dirs)."""
+    import ray.train
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        _save_hf_model(engine, tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), zero_stage, rank)
+        engine.save_checkpoint(
+            os.path.join(tmp, ckpt.DEEPSPEED_DIR),
+            tag=ckpt.DEEPSPEED_TAG,
+            client_state={"trainer_state": asdict(state)},
+            exclude_frozen_parameters=is_lora,
+        )
+        ckpt.save_rng(tmp, rank)
+        if rank == 0:
+            ckpt.write_trainer_state(tmp, state)
+            if logs is not None:
+                logs.copy_into(tmp)
+        # The manifest lists every rank's files and is written last: an upload cut short never verifies.
+        files = ckpt.file_entries(tmp)
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            ckpt.write_manifest(tmp, merged, state, extra)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=ckpt.checkpoint_dir_name(state.global_step),
+        )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point run by Ray Train on each worker. `loop_config` is built by orchestrator.train.trainer."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import get_device
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config: PipelineConfig = config_from_dict(loop_config["config"], "train_loop_config")
+    stage: str = loop_config["stage"]
+    train_cfg = config.stage(stage).train
+    dist_cfg = config.distributed
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(dist_cfg.cpus_per_worker)))
+    device = get_device()
+    precision = resolve_precision(
+        train_cfg.precision, dist_cfg.use_gpu, dist_cfg.use_gpu and torch.cuda.is_bf16_supported()
+    )
+    _seed_everything(train_cfg.seed)
+
+    cache = tempfile.mkdtemp(prefix="orchestrator-model-")
+    model_dir = storage.download_dir(loop_config["base_model"], os.path.join(cache, "base"))
+    tokenizer = load_tokenizer(storage.download_dir(loop_config["tokenizer"], os.path.join(cache, "tokenizer")))
+    model = load_causal_lm(model_dir, resolve_dtype(config.model.dtype, precision), config.model.attn_implementation,
+                           config.model.trust_remote_code)
+    align_vocab(model, tokenizer)
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    is_lora = train_cfg.method == "lora"
+    if is_lora:
+        if train_cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, train_cfg.lora)
+
+    schedule = loop_config["schedule"]
+    total_steps = schedule["total_steps"]
+    warmup = train_cfg.warmup_steps if train_cfg.warmup_steps is not None else math.ceil(train_cfg.warmup_ratio * total_steps)
+    ds_config = build_deepspeed_config(train_cfg, dist_cfg, world, precision)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, train_cfg.weight_decay),
+        config=ds_config,
+        lr_scheduler=partial(_make_scheduler, name=train_cfg.schedule, warmup=warmup, total=total_steps),
+        dist_init_required=False,
+    )
+
+    state = ckpt.TrainerState()
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as root:
+            ckpt.verify_checkpoint(root)
+            load_path, client = engine.load_checkpoint(
+                os.path.join(root, ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_module_strict=not is_lora
+            )
+            if load_path is None:
+                raise ckpt.CheckpointError(f"{root}: DeepSpeed found no engine state to resume from")
+            state = ckpt.TrainerState(**client["trainer_state"])
+            ckpt.load_rng(root, rank)
+            resumed_from = root
+        log.info("resumed from %s at epoch %d, step %d", resumed_from, state.epoch, state.global_step)
+
+    logs = MetricsLog(loop_config["logs_dir"] if rank == 0 else None, stage)
+    logs_for_checkpoint = logs if loop_config["logs_into_checkpoints"] else None
+    extra = {"stage": stage, "method": train_cfg.method, "zero_stage": dist_cfg.zero_stage, "world_size": world,
+             "precision": precision, "base_model": loop_config["base_model"], "deepspeed_config": ds_config}
+    if rank == 0:
+        log.info("%s: %d workers, precision %s, ZeRO-%d, %d optimizer steps (%d per epoch), warmup %d, "
+                 "DeepSpeed config %s", stage, world, precision, dist_cfg.zero_stage, total_steps,
+                 schedule["steps_per_epoch"], warmup, json.dumps(ds_config))
+
+    if resumed_from is not None:
+        logs.write(state.global_step, {"event": "resumed", "resumed_from": resumed_from})
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_data = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    pad_id = tokenizer.pad_token_id
+    micro_per_epoch = schedule["micro_batches_per_epoch"]
+    accumulation = train_cfg.gradient_accumulation_steps
+    eval_batch = config.eval.micro_batch_size or train_cfg.micro_batch_size
+    every_n = config.checkpoint.every_n_steps
+
+    if eval_data is not None and config.eval.at_start and resumed_from is None:
+        initial = evaluate(engine, eval_data, eval_batch, pad_id, device, config.eval.max_batches)
+        logs.write(0, {"epoch": 0, **initial})
+        if rank == 0:
+            log.info("%s before training: %s", stage, ", ".join(f"{k} {v:.4g}" for k, v in initial.items()))
+
+    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    run_tokens, run_start = 0, time.perf_counter()
+    engine.train()
+    for epoch in range(state.epoch, train_cfg.epochs):
+        skip = state.micro_step_in_epoch if epoch == state.epoch else 0
+        for micro, batch in enumerate(_batches(train_shard, train_cfg.micro_batch_size,
+                                               train_cfg.seed + epoch, pad_id, device)):
+            if micro >= micro_per_epoch:
+                break
+            if micro < skip:
+                continue  # resume: these micro-batches were trained before the checkpoint
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += float(loss.detach().float())
+            window_micro += 1
+            tokens = int(batch["attention_mask"].sum())
+            window_tokens += tokens
+            run_tokens += tokens
+            if (micro + 1) % accumulation:
+                continue
+            state.global_step += 1
+            state.epoch, state.micro_step_in_epoch = epoch, micro + 1
+            step = state.global_step
+            if step % train_cfg.log_every_n_steps == 0 or step == total_steps:
+                counts = torch.tensor([window_tokens, window_loss, window_micro], dtype=torch.float64)
+                dist.all_reduce(counts)
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train_loss": counts[1].item() / max(counts[2].item(), 1),
+                           "learning_rate": engine.get_lr()[0], "tokens_per_s": counts[0].item() / elapsed,
+                           "epoch": epoch + 1, "step": step}
+                logs.write(step, metrics)
+                if rank == 0:
+                    log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f", stage, epoch + 1,
+                             train_cfg.epochs, step, total_steps, metrics["train_loss"], metrics["learning_rate"],
+                             metrics["tokens_per_s"])
+                window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            end_of_epoch = micro + 1 == micro_per_epoch
+            if every_n and step % every_n == 0 and not (end_of_epoch and config.checkpoint.at_epoch_end):
+                _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_lora, logs_for_checkpoint,
+                                 {"step": step, "epoch": epoch + 1})
+            if train_cfg.fail_at_step is not None and step == train_cfg.fail_at_step:
+                raise RuntimeError(f"fault injection: train.fail_at_step={step} reached (testing aid)")
+        # End of epoch: evaluate, report, checkpoint.
+        state.epoch, state.micro_step_in_epoch = epoch + 1, 0
+        metrics = {"epoch": epoch + 1, "step": state.global_step,
+                   "tokens_per_s_run": run_tokens * world / max(time.perf_counter() - run_start, 1e-9)}
+        if eval_data is not None:
+            metrics.update(evaluate(engine, eval_data, eval_batch, pad_id, device, config.eval.max_batches))
+        logs.write(state.global_step, metrics)
+        state.metrics = metrics
+        if rank == 0:
+            log.info("%s epoch %d/%d done: %s", stage, epoch + 1, train_cfg.epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if config.checkpoint.at_epoch_end or epoch + 1 == train_cfg.epochs:
+            _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_lora, logs_for_checkpoint, metrics)
+        else:
+            ray.train.report(metrics)
+    logs.close()

@@ -1,0 +1,57 @@
+"""Training metrics as a JSONL file and TensorBoard event files (rank 0 only; other ranks get a no-op)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Append-only metric records in `<logs_dir>/metrics.jsonl` and `<logs_dir>/tensorboard/`."""
+
+    def __init__(self, logs_dir: Optional[str], stage: str):
+        self.logs_dir = logs_dir
+        self.stage = stage
+        self._writer = None
+        if logs_dir is None:
+            return
+        os.makedirs(logs_dir, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(logs_dir, "tensorboard"))
+        except ImportError:  # tensorboard is optional at run time; the JSONL log is always written
+            self._writer = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.logs_dir is None:
+            return
+        record = {"time": time.time(), "stage": self.stage, "step": step, **metrics}
+        with open(os.path.join(self.logs_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{self.stage}/{key}", value, step)
+            self._writer.flush()
+
+    def copy_into(self, checkpoint_dir: str) -> None:
+        """Put a copy of the logs into a checkpoint, so they travel with it to remote storage."""
+        if self.logs_dir is not None and os.path.isdir(self.logs_dir):
+            shutil.copytree(self.logs_dir, os.path.join(checkpoint_dir, "logs"))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(logs_dir: str) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    path = os.path.join(logs_dir, METRICS_FILE)
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

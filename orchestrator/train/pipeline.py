@@ -1,0 +1,137 @@
+"""Stage 1 → merge → stage 2, with the artifacts each stage hands to the next.
+
+Layout under `<checkpoint.storage_path>/<run_name>/`:
+
+    base/              the tiny base model + tokenizer (only when model.tiny is used)
+    pretrain/          Ray Train run: checkpoint_step*/ (see orchestrator.train.checkpoint)
+    sft/
+    logs/<stage>/      metrics.jsonl and TensorBoard events
+    models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from orchestrator import storage
+from orchestrator.config import PipelineConfig
+from orchestrator.data.formats import load_examples
+from orchestrator.data.prepare import prepare_stage_data
+from orchestrator.model.export import export_model
+from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
+from orchestrator.train.trainer import ensure_ray, fit_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_uri: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    data_stats: dict[str, Any]
+    wall_seconds: float
+
+
+@dataclass
+class PipelineResult:
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def final_model(self) -> str:
+        return self.stages[-1].model_uri
+
+
+def run_root(config: PipelineConfig) -> str:
+    return storage.join(config.checkpoint.storage_path, config.run_name)
+
+
+def _logs_dir(config: PipelineConfig, stage: str) -> str:
+    root = run_root(config)
+    if storage.is_remote(root):
+        # Logs are written locally by rank 0 and copied into every checkpoint, which travels to storage.
+        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", config.run_name, stage)
+    return storage.join(root, "logs", stage)
+
+
+def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
+    """(base model URI, tokenizer URI or None = the base's own). Creates the tiny base once per run."""
+    if config.model.base is not None:
+        return config.model.base, config.tokenizer.path
+    base_uri = storage.join(run_root(config), "base")
+    if storage.exists(storage.join(base_uri, "config.json")):
+        log.info("reusing the tiny base model at %s", base_uri)
+        return base_uri, config.tokenizer.path
+    if config.tokenizer.path is not None:
+        tokenizer = load_tokenizer(storage.download_dir(config.tokenizer.path, tempfile.mkdtemp(prefix="tok-")))
+    else:
+        training = config.tokenizer.train
+        texts = [d.text for d in _all_documents(config)][: training.max_documents]
+        log.info("training a %d-token BPE tokenizer on %d documents", training.vocab_size, len(texts))
+        tokenizer = train_bpe_tokenizer(texts, training.vocab_size)
+    seed = (config.pretrain or config.sft).train.seed
+    model = create_tiny_model(config.model.tiny, tokenizer, seed)
+    with tempfile.TemporaryDirectory(prefix="base-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        storage.upload_dir(tmp, base_uri)
+    log.info("created a tiny LLaMA base (%d parameters, vocab %d) at %s",
+             sum(p.numel() for p in model.parameters()), len(tokenizer), base_uri)
+    return base_uri, None
+
+
+def _all_documents(config: PipelineConfig) -> list:
+    documents = []
+    for name in ("pretrain", "sft"):
+        stage = getattr(config, name)
+        if stage is not None and stage.data.sources:
+            docs, _ = load_examples(stage.data.sources, "documents", "skip", True, stage.data.shuffle_seed)
+            documents.extend(docs)
+    return documents
+
+
+def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
+              tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
+    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
+    started = time.perf_counter()
+    stage_cfg = config.stage(stage)
+    if base_model is None:
+        base_model, tokenizer_uri = materialize_base(config)
+    tokenizer_uri = tokenizer_uri or base_model
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
+    data = prepare_stage_data(stage, stage_cfg.data, tokenizer)
+    ensure_ray(ray_address)
+    outcome = fit_stage(config, stage, data, base_model, tokenizer_uri, run_root(config), _logs_dir(config, stage))
+    train_cfg = stage_cfg.train
+    precision = "bf16" if train_cfg.precision == "bf16" else "fp32"
+    model_uri = export_model(outcome.checkpoint_path, base_model, train_cfg.method,
+                             storage.join(run_root(config), "models", stage),
+                             resolve_dtype(config.model.dtype, precision))
+    wall = time.perf_counter() - started
+    log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
+    return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)
+
+
+def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> PipelineResult:
+    """Stage 1 (if configured), then stage 2 (if configured) starting from stage 1's merged model."""
+    if config.pretrain is None and config.sft is None:
+        from orchestrator.errors import ConfigError
+
+        raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
+    result = PipelineResult()
+    base_model, tokenizer_uri = materialize_base(config)
+    if config.pretrain is not None:
+        stage1 = run_stage(config, "pretrain", base_model, tokenizer_uri, ray_address)
+        result.stages.append(stage1)
+        # Stage 2 starts from stage 1's merged model, which carries the tokenizer.
+        base_model, tokenizer_uri = stage1.model_uri, None
+    if config.sft is not None:
+        result.stages.append(run_stage(config, "sft", base_model, tokenizer_uri, ray_address))
+    return result

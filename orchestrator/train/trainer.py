@@ -1,0 +1,99 @@
+"""Ray edge of training: turn prepared data and a config into a TorchTrainer run."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from orchestrator import storage
+from orchestrator.config import PipelineConfig
+from orchestrator.data.prepare import PreparedData
+from orchestrator.errors import DataError
+from orchestrator.train.loop import schedule_for, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: Optional[str] = None) -> None:
+    """Connect to Ray once: `address`, else RAY_ADDRESS (set by `ray job submit`), else a new local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    checkpoint_path: str
+    metrics: dict[str, Any]
+    run_path: str
+
+
+def fit_stage(
+    config: PipelineConfig,
+    stage: str,
+    data: PreparedData,
+    base_model: str,
+    tokenizer: str,
+    run_root: str,
+    logs_dir: str,
+) -> FitOutcome:
+    """Train one stage on the Ray cluster; a second call with the same run_root resumes the first."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train_cfg = config.stage(stage).train
+    dist = config.distributed
+    schedule = schedule_for(data.train.num_rows, dist.num_workers, train_cfg.micro_batch_size,
+                            train_cfg.gradient_accumulation_steps, train_cfg.epochs)
+    if schedule["steps_per_epoch"] == 0:
+        raise DataError(
+            f"{stage}: {data.train.num_rows} training examples are too few for one optimizer step with "
+            f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
+            f"{train_cfg.gradient_accumulation_steps}; add data or lower those settings"
+        )
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
+    data_context.print_on_execution_start = False
+    datasets = {"train": ray.data.from_arrow(data.train)}
+    if data.eval is not None:
+        datasets["eval"] = ray.data.from_arrow(data.eval)
+    storage_path, filesystem = storage.ray_storage(run_root)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "stage": stage,
+            "base_model": base_model,
+            "tokenizer": tokenizer,
+            "schedule": schedule,
+            "has_eval": data.eval is not None,
+            "logs_dir": logs_dir,
+            "logs_into_checkpoints": storage.is_remote(run_root),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=dist.num_workers,
+            use_gpu=dist.use_gpu,
+            resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {}),
+                                  **dist.resources_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
+        ),
+        datasets=datasets,
+        # Eval is not split: every worker evaluates the whole (small) held-out set, which keeps
+        # ZeRO-3's collective forward passes in step across workers.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+    )
+    log.info("%s: fitting with %d workers, schedule %s", stage, dist.num_workers, schedule)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: training finished without a checkpoint")
+    return FitOutcome(result.checkpoint.path, dict(result.metrics or {}), result.path)
