@@ -6,8 +6,8 @@ checkpoints and exported models share one notion of where things are.
 
 from __future__ import annotations
 
-import fnmatch
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -59,7 +59,11 @@ def expand(uri: str, suffixes: tuple[str, ...]) -> list[str]:
         while any(c in base for c in _GLOB_CHARS):
             base = base.rsplit("/", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and _glob_match(i.path, path)]
+        files = [
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File and _glob_match(i.path, path) and not _is_hidden(i.path, base)
+        ]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -67,20 +71,51 @@ def expand(uri: str, suffixes: tuple[str, ...]) -> list[str]:
         if info.type == pafs.FileType.File:
             return [uri if is_remote(uri) else path]
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = [
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File and not os.path.basename(i.path).startswith(".")
-        ]
+        files = [i.path for i in infos if i.type == pafs.FileType.File and not _is_hidden(i.path, path)]
     files = sorted(f for f in files if f.lower().endswith(suffixes))
     if not files:
         raise DataError(f"{uri}: matched no files ending in {', '.join(suffixes)}")
     return [prefix + f if prefix else f for f in files]
 
 
+def _is_hidden(path: str, base: str) -> bool:
+    """Dot-files and files inside dot-directories below `base` (.git, .ipynb_checkpoints) are skipped."""
+    return any(part.startswith(".") for part in path[len(base) :].split("/") if part)
+
+
 def _glob_match(candidate: str, pattern: str) -> bool:
-    # `**/` may match zero directories, as in pathlib / shell globstar.
-    return fnmatch.fnmatch(candidate, pattern) or fnmatch.fnmatch(candidate, pattern.replace("**/", ""))
+    """Shell-style matching: `*` and `?` stay within one path segment, `**/` spans zero or more directories."""
+    return _glob_regex(pattern).fullmatch(candidate) is not None
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                body = pattern[i + 1 : end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def read_bytes(uri: str) -> bytes:

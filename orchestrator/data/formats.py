@@ -201,7 +201,7 @@ def sharegpt_to_conversation(record: Any, origin: str, mapping: dict[str, str]) 
         body_index = sum(1 for m in messages if m.role != "system")
         expected: Role = "user" if body_index % 2 == 0 else "assistant"
         if role != expected:
-            raise RecordError(origin, f"{where}.from", f"a {expected} message (turns must alternate)", turn.get("from"))
+            raise RecordError(origin, f"{where}.from", f"{'an' if expected == 'assistant' else 'a'} {expected} message (turns must alternate)", turn.get("from"))
         messages.append(Message(role, value))
     if not messages or messages[-1].role != "assistant":
         raise RecordError(origin, key, "a conversation ending with an assistant (gpt) message")

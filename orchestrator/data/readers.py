@@ -121,7 +121,8 @@ def _read_text(uri: str, text: str, text_unit: str) -> Iterator[RawRecord]:
             yield RawRecord(text.strip(), f"{uri}:1")
         return
     if unit == "line":
-        for number, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines() also splits on \f, \u2028, ... and would shift line numbers
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 yield RawRecord(line.strip(), f"{uri}:{number}")
         return

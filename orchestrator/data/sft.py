@@ -1,7 +1,7 @@
 """Stage 2: conversations → input_ids + labels, prompts masked (-100), truncated to max_length.
 
-Truncation keeps the answer: whole earlier turns go first, then the system prefix if it alone
-does not fit; a single remaining turn gives its prompt at least half the budget and keeps the
+Truncation keeps the answer: whole earlier turns go first, then the system prefix when keeping
+it would cut the answer (or leave less than half the budget); a single remaining turn gives its prompt at least half the budget and keeps the
 end of the prompt (the question and the assistant header). An example is never left without a
 trainable token.
 """
@@ -40,9 +40,11 @@ def truncate_turns(
     if total() <= max_length:
         return prefix, turns
     budget = max_length - len(prefix)
-    if budget < max(2, max_length // 2):
-        prefix, budget = [], max_length
     prompt, answer = turns[0]
+    answer_would_be_cut = min(len(prompt), budget // 2) > budget - len(answer)
+    if budget < max(2, max_length // 2) or (answer_would_be_cut and len(prompt) + len(answer) <= max_length):
+        # the system prefix goes before any answer token does
+        prefix, budget = [], max_length
     if len(prompt) + len(answer) > budget:
         prompt_keep = min(len(prompt), max(budget - len(answer), budget // 2))
         answer_keep = budget - prompt_keep

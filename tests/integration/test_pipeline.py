@@ -61,7 +61,8 @@ def sft_section(shared: Path, method: str, **train) -> dict:
 
 def eval_losses(config, stage: str) -> list[float]:
     records = read_metrics(os.path.join(run_root(config), "logs", stage))
-    return [r["eval_loss"] for r in sorted(records, key=lambda r: (r["step"], r["epoch"])) if "eval_loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    return [r["eval_loss"] for r in sorted(evals, key=lambda r: (r["step"], r["epoch"]))]
 
 
 def generate_tokens(model_dir: str, n: int = 6) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""DeepSpeed config dict and precision resolution (orchestrator.train.deepspeed_config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import DistributedConfig, TrainConfig
+from orchestrator.errors import ConfigError
+from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+
+
+def _ds(world_size=1, precision="fp32", train=None, **dist):
+    return build_deepspeed_config(train or TrainConfig(), DistributedConfig(**dist), world_size, precision)
+
+
+@pytest.mark.parametrize("micro, accum, world", [(1, 1, 1), (4, 1, 2), (2, 8, 4), (3, 5, 7)])
+def test_batch_arithmetic(micro, accum, world):
+    cfg = _ds(world, train=TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=accum))
+    assert cfg["train_micro_batch_size_per_gpu"] == micro
+    assert cfg["gradient_accumulation_steps"] == accum
+    assert cfg["train_batch_size"] == micro * accum * world
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage(stage):
+    zero = _ds(zero_stage=stage)["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("contiguous_gradients" in zero) == (stage >= 2)
+    assert ("stage3_gather_16bit_weights_on_model_save" in zero) == (stage == 3)
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+
+
+def test_stage2_bucket_settings():
+    zero = _ds(zero_stage=2)["zero_optimization"]
+    assert zero == {
+        "stage": 2,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+    }
+
+
+def test_offload_optimizer_switches_to_deepspeed_adam():
+    cfg = _ds(zero_stage=2, offload_optimizer=True)
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert cfg["optimizer"]["params"]["torch_adam"] is False
+    assert _ds(zero_stage=2)["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_offload_params_with_stage3_on_gpu_pins_memory():
+    zero = _ds(zero_stage=3, offload_optimizer=True, offload_params=True, use_gpu=True)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_offload_params_needs_stage3(stage):
+    with pytest.raises(ConfigError) as info:
+        _ds(zero_stage=stage, offload_params=True)
+    assert str(info.value) == "distributed.offload_params needs distributed.zero_stage=3"
+
+
+def test_offload_optimizer_needs_zero():
+    with pytest.raises(ConfigError, match="offload_optimizer needs distributed.zero_stage 1, 2 or 3"):
+        _ds(zero_stage=0, offload_optimizer=True)
+
+
+@pytest.mark.parametrize("precision, bf16, fp16", [("bf16", True, False), ("fp16", False, True), ("fp32", False, False)])
+def test_precision_flags(precision, bf16, fp16):
+    cfg = _ds(precision=precision)
+    assert cfg["bf16"] == {"enabled": bf16}
+    assert cfg["fp16"]["enabled"] is fp16
+
+
+def test_optimizer_params_follow_train_config():
+    train = TrainConfig(method="full", weight_decay=0.1, adam_betas=(0.8, 0.95), adam_epsilon=1e-6, max_grad_norm=0.5)
+    cfg = _ds(train=train)
+    assert cfg["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 2e-5, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
+    }
+    assert cfg["gradient_clipping"] == 0.5
+    assert _ds(train=TrainConfig(method="lora"))["optimizer"]["params"]["lr"] == 2e-4
+
+
+@pytest.mark.parametrize(
+    "requested, use_gpu, bf16_supported, expected",
+    [
+        ("auto", False, False, "fp32"),
+        ("auto", False, True, "fp32"),
+        ("auto", True, True, "bf16"),
+        ("auto", True, False, "fp32"),
+        ("fp32", True, True, "fp32"),
+        ("bf16", False, False, "bf16"),
+        ("bf16", True, True, "bf16"),
+        ("fp16", True, False, "fp16"),
+    ],
+)
+def test_resolve_precision(requested, use_gpu, bf16_supported, expected):
+    assert resolve_precision(requested, use_gpu, bf16_supported) == expected
+
+
+def test_fp16_on_cpu_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        resolve_precision("fp16", use_gpu=False, bf16_supported=False)
+    assert "train.precision=fp16 needs GPUs" in str(info.value)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_an_error():
+    with pytest.raises(ConfigError, match="no bf16 support"):
+        resolve_precision("bf16", use_gpu=True, bf16_supported=False)
