@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def wait_for_http(url: str, timeout: float) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (401 until a token is sent): the server is up
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
@@ -47,6 +50,8 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="ray-job-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this virtualenv's
+    # Ray >= 2.59 local clusters require token auth; the CLI sends ~/.ray/auth_token only in token mode.
+    env["RAY_AUTH_MODE"] = "token"
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true",
@@ -78,7 +83,13 @@ def test_ray_job_submit_pretrain(ray_head, tmp_path):
         "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml",
         f"checkpoint.storage_path={storage}", "run_name=job", "pretrain.train.epochs=1",
     ]
-    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+        # The job server answers before the head's job agent is up; the CLI then says to try again.
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
     checkpoint = latest_complete_checkpoint(str(storage / "job" / "pretrain"))

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The read-only real data next to the project; fail in CI when it is missing, else skip."""
-    if not SHARED_DATA.is_dir() or not (SHARED_DATA / "SOURCES.md").is_file():
-        message = f"shared test data not found at {SHARED_DATA}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: the data is required)")
-        pytest.skip(message)
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
