@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("what", choices=["show", "schema"])
     show.add_argument("--config", "-c")
     show.add_argument("overrides", nargs="*")
+    checkpoints = sub.add_parser("checkpoints", help="list a stage's checkpoints (local path or s3:// URI)")
+    checkpoints.add_argument("action", choices=["list"])
+    checkpoints.add_argument("uri", help="a stage's run directory, e.g. s3://bucket/runs/<run>/pretrain")
+    checkpoints.add_argument("--config", "-c", help="config whose storage.s3 settings to use (else AWS defaults)")
+    checkpoints.add_argument("--json", action="store_true", help="machine-readable output")
     gen = sub.add_parser("generate", help="print a completion from a model directory")
     gen.add_argument("--model", required=True, help="Hugging Face model directory (e.g. runs/<run>/models/sft)")
     gen.add_argument("--prompt", required=True)
@@ -54,6 +59,8 @@ def run_command(args: argparse.Namespace) -> int:
             config = load_config(args.config, args.overrides)
             print(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
         return 0
+    if args.command == "checkpoints":
+        return _list_checkpoints(args)
     if args.command == "generate":
         from orchestrator.model.generate import generate_text, load_for_generation
 
@@ -73,6 +80,31 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps({"stage": result.stage, "model": result.model_uri, "checkpoint": result.checkpoint_uri,
                           "metrics": result.metrics, "data": result.data_stats,
                           "wall_seconds": round(result.wall_seconds, 1)}, ensure_ascii=False))
+    return 0
+
+
+def _list_checkpoints(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from orchestrator import storage
+    from orchestrator.config import load_config, s3_settings
+    from orchestrator.train.checkpoint import list_checkpoints
+
+    if args.config:
+        storage.configure(s3_settings(load_config(args.config)))
+    infos = list_checkpoints(args.uri)
+    if args.json:
+        print(json.dumps([asdict(i) for i in infos], indent=1))
+        return 0
+    if not infos:
+        print(f"no checkpoints under {args.uri}")
+        return 0
+    print(f"{'checkpoint':<26}{'step':>7}{'epoch':>7}{'eval_loss':>11}{'size_MB':>10}  status")
+    for i in infos:
+        loss = f"{i.eval_loss:.4f}" if i.eval_loss is not None else "-"
+        status = "complete" if i.complete else f"INCOMPLETE ({i.problem})"
+        print(f"{i.name:<26}{i.step if i.step is not None else '-':>7}{i.epoch if i.epoch is not None else '-':>7}"
+              f"{loss:>11}{i.size_bytes / 2**20:>10.2f}  {status}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError
 
@@ -225,6 +225,29 @@ class CheckpointConfig(_Section):
     keep: Optional[int] = Field(3, gt=0, description="Checkpoints kept per stage (newest); empty = all.")
 
 
+class S3Config(_Section):
+    """S3 or an S3-compatible store (MinIO, Ceph). Empty fields use the AWS default chain
+    (AWS_* environment variables, ~/.aws profiles, instance roles / IRSA)."""
+
+    endpoint_url: Optional[str] = Field(
+        None, description="e.g. http://minio:9000 for S3-compatible stores; default AWS_ENDPOINT_URL or AWS."
+    )
+    region: Optional[str] = Field(None, description="Region; default AWS_REGION / AWS_DEFAULT_REGION.")
+    access_key_id: Optional[SecretStr] = Field(None, description="Access key (prefer environment or roles).")
+    secret_access_key: Optional[SecretStr] = Field(None, description="Secret key (never logged or saved).")
+    session_token: Optional[SecretStr] = Field(None, description="Session token for temporary credentials.")
+    profile: Optional[str] = Field(None, description="Named profile from ~/.aws/config.")
+    max_attempts: int = Field(10, ge=1, description="Attempts per S3 request (botocore/pyarrow standard retry).")
+    multipart_threshold_mb: int = Field(64, ge=5, description="Files above this size upload in parts.")
+    max_concurrency: int = Field(8, ge=1, description="Parallel transfers.")
+
+
+class StorageConfig(_Section):
+    """How to reach remote storage used by any path of the config."""
+
+    s3: S3Config = Field(default_factory=S3Config, description="S3 settings.")
+
+
 class EvalConfig(_Section):
     """Evaluation during training."""
 
@@ -248,6 +271,7 @@ class PipelineConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Cluster shape.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints and outputs.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Remote storage access.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     pretrain: Optional[StageConfig] = Field(None, description="Stage 1: continued pretraining on documents.")
     sft: Optional[StageConfig] = Field(None, description="Stage 2: supervised fine-tuning on conversations.")
@@ -409,3 +433,25 @@ def describe_schema(model: type[BaseModel] = PipelineConfig, prefix: str = "") -
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{key} (default {default}): {field.description or ''}")
     return lines
+
+
+def s3_settings(config: PipelineConfig) -> "S3Settings":
+    """The storage layer's S3 settings from the config (secrets revealed only here)."""
+    from orchestrator.storage import S3Settings
+
+    s3 = config.storage.s3
+
+    def reveal(secret: Optional[SecretStr]) -> Optional[str]:
+        return secret.get_secret_value() if secret is not None else None
+
+    return S3Settings(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=reveal(s3.access_key_id),
+        secret_access_key=reveal(s3.secret_access_key),
+        session_token=reveal(s3.session_token),
+        profile=s3.profile,
+        max_attempts=s3.max_attempts,
+        multipart_threshold_mb=s3.multipart_threshold_mb,
+        max_concurrency=s3.max_concurrency,
+    )

@@ -40,6 +40,10 @@ class DataValidationError(DataError):
         )
 
 
+class StorageError(OrchestratorError):
+    """A path or URI cannot be reached, read or written (after the storage client's retries)."""
+
+
 class CheckpointError(OrchestratorError):
     """A checkpoint is missing, incomplete or does not match the run."""
 

@@ -1,27 +1,136 @@
 """URIs → filesystems. Every path in a config (local path, ``file://``, ``s3://``) goes through here.
 
-pyarrow's filesystems back both our readers and Ray Train's ``storage_filesystem``, so data,
-checkpoints and exported models share one notion of where things are.
+Two clients, each where it is strongest:
+
+* pyarrow's filesystems for reading data and for Ray Train's ``storage_filesystem`` (checkpoints
+  are uploaded by Ray through it);
+* boto3 for artifacts (whole model directories up and down): managed multipart transfers and
+  botocore's retry modes, so a flaky store is retried with backoff and no hand-written loop.
+
+S3 settings (endpoint for MinIO/Ceph/moto, region, credentials) come from the config's `storage.s3`
+section, else the standard AWS chain (environment variables, profiles, instance roles). This is
+the one module that reads AWS environment variables. Credentials are never logged or written.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, StorageError
 
 _GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3. Empty fields fall back to the AWS default chain."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[str] = field(default=None, repr=False)
+    secret_access_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+    profile: Optional[str] = None
+    max_attempts: int = 10
+    multipart_threshold_mb: int = 64
+    max_concurrency: int = 8
+
+    @property
+    def resolved_endpoint(self) -> Optional[str]:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    @property
+    def resolved_region(self) -> Optional[str]:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+_settings = S3Settings()
+_lock = threading.Lock()
+
+
+def configure(settings: S3Settings) -> None:
+    """Use `settings` for every S3 access of this process (drivers and workers call it once)."""
+    global _settings
+    with _lock:
+        if settings != _settings:
+            _settings = settings
+            _pyarrow_s3.cache_clear()
+            _boto_client.cache_clear()
+
+
+def current_settings() -> S3Settings:
+    return _settings
+
+
+@functools.lru_cache(maxsize=1)
+def _pyarrow_s3() -> pafs.S3FileSystem:
+    s = _settings
+    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts)}
+    endpoint = s.resolved_endpoint
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/") if host else endpoint, scheme=scheme if host else "https")
+    if s.resolved_region:
+        kwargs["region"] = s.resolved_region
+    if s.access_key_id and s.secret_access_key:
+        kwargs.update(access_key=s.access_key_id, secret_key=s.secret_access_key, session_token=s.session_token)
+    return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _boto_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    s = _settings
+    session = boto3.session.Session(profile_name=s.profile) if s.profile else boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=s.resolved_endpoint,
+        region_name=s.resolved_region,
+        aws_access_key_id=s.access_key_id,
+        aws_secret_access_key=s.secret_access_key,
+        aws_session_token=s.session_token,
+        config=Config(
+            retries={"max_attempts": s.max_attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=max(10, s.max_concurrency * 2),
+        ),
+    )
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    mb = 1024 * 1024
+    return TransferConfig(
+        multipart_threshold=_settings.multipart_threshold_mb * mb,
+        multipart_chunksize=max(8, _settings.multipart_threshold_mb // 4) * mb,
+        max_concurrency=_settings.max_concurrency,
+    )
+
+
+# ----------------------------------------------------------------------------- paths
 
 
 def is_remote(uri: str) -> bool:
     """True for URIs with a scheme other than file:// (s3://, gs://, ...)."""
     return "://" in uri and not uri.startswith("file://")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
 
 
 def local_path(uri: str) -> str:
@@ -31,20 +140,38 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key/prefix → (bucket, key/prefix)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket: s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a path or URI."""
+    """(pyarrow filesystem, path inside it) for a path or URI."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _pyarrow_s3(), f"{bucket}/{key}".rstrip("/")
     if not is_remote(uri):
         return pafs.LocalFileSystem(), local_path(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as exc:
-        raise DataError(f"cannot open {uri}: {exc}") from exc
+        raise StorageError(f"cannot open {uri}: {exc}") from exc
+
+
+def to_uri(uri_like: str, filesystem: Optional[pafs.FileSystem]) -> str:
+    """Turn a (filesystem, path) pair as Ray reports it back into a URI."""
+    if filesystem is not None and filesystem.type_name == "s3":
+        return "s3://" + uri_like.lstrip("/")
+    return uri_like
 
 
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a path or URI with '/'."""
     base = uri if is_remote(uri) else local_path(uri)
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p.strip("/")]])
 
 
 def expand(uri: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -54,24 +181,27 @@ def expand(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """
     fs, path = resolve(uri)
     prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
-    if any(c in path for c in _GLOB_CHARS):
-        base = path
-        while any(c in base for c in _GLOB_CHARS):
-            base = base.rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.File and _glob_match(i.path, path) and not _is_hidden(i.path, base)
-        ]
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"{uri}: no such file or directory")
-        if info.type == pafs.FileType.File:
-            return [uri if is_remote(uri) else path]
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and not _is_hidden(i.path, path)]
+    try:
+        if any(c in path for c in _GLOB_CHARS):
+            base = path
+            while any(c in base for c in _GLOB_CHARS):
+                base = base.rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            files = [
+                i.path
+                for i in infos
+                if i.type == pafs.FileType.File and _glob_match(i.path, path) and not _is_hidden(i.path, base)
+            ]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{uri}: no such file or directory")
+            if info.type == pafs.FileType.File:
+                return [uri if is_remote(uri) else path]
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [i.path for i in infos if i.type == pafs.FileType.File and not _is_hidden(i.path, path)]
+    except OSError as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
     files = sorted(f for f in files if f.lower().endswith(suffixes))
     if not files:
         raise DataError(f"{uri}: matched no files ending in {', '.join(suffixes)}")
@@ -118,40 +248,133 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
+# ----------------------------------------------------------------------------- files
+
+
 def read_bytes(uri: str) -> bytes:
     """Whole file contents."""
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a (small) file, creating parent directories locally."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(f"upload of {uri}", _boto_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = local_path(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
 
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise StorageError(f"cannot reach {uri}: {exc}") from exc
+
+
+def list_files(uri: str) -> dict[str, int]:
+    """Every file below a directory path or URI → size in bytes, keyed by relative path ({} if absent)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key + "/" if key else ""
+        found: dict[str, int] = {}
+        paginator = _boto_client().get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):  # skip directory markers (pyarrow creates them)
+                        found[obj["Key"][len(prefix) :]] = obj["Size"]
+        except Exception as exc:  # botocore raises several unrelated types; name the URI in one error
+            raise StorageError(f"cannot list {uri}: {exc}") from exc
+        return found
+    root = Path(local_path(uri)) if not is_remote(uri) else None
+    if root is None:
+        fs, path = resolve(uri)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local directory tree to a path or URI (replacing what is there)."""
-    if not is_remote(uri):
-        dest = local_path(uri)
-        if os.path.abspath(local_dir) == dest:
-            return
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        shutil.copytree(local_dir, dest)
+    """Copy a local directory tree to a path or URI (S3: managed multipart uploads, retried by botocore)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client, config = _boto_client(), _transfer_config()
+        files = [p for p in Path(local_dir).rglob("*") if p.is_file()]
+
+        def upload(path: Path) -> None:
+            target = f"{key}/{path.relative_to(local_dir).as_posix()}".lstrip("/")
+            _s3_call(f"upload of {path} to s3://{bucket}/{target}", client.upload_file, str(path), bucket, target,
+                     Config=config)
+
+        _parallel(upload, files)
         return
-    fs, path = resolve(uri)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if is_remote(uri):
+        fs, path = resolve(uri)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return
+    dest = local_path(uri)
+    if os.path.abspath(local_dir) == dest:
+        return
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(local_dir, dest)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
     """Make a path or URI available as a local directory; returns the local path (no copy for local)."""
     if not is_remote(uri):
         return local_path(uri)
-    fs, path = resolve(uri)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client, config = _boto_client(), _transfer_config()
+        objects = list_files(uri)
+        if not objects:
+            raise StorageError(f"{uri}: nothing to download (no objects under this prefix)")
+
+        def download(rel: str) -> None:
+            target = Path(local_dir) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _s3_call(f"download of s3://{bucket}/{key}/{rel}", client.download_file, bucket, f"{key}/{rel}",
+                     str(target), Config=config)
+
+        _parallel(download, list(objects))
+        return local_dir
+    fs, path = resolve(uri)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+def _parallel(fn: Any, items: list) -> None:
+    with ThreadPoolExecutor(max_workers=max(1, _settings.max_concurrency)) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def _s3_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a boto3 call (already retried by botocore) and turn its failure into one readable error."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # botocore/boto3 raise many unrelated exception types
+        raise StorageError(
+            f"S3 {what} failed after up to {_settings.max_attempts} attempts: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def ray_storage(uri: str) -> tuple[str, Optional[pafs.FileSystem]]:

@@ -247,6 +247,7 @@ class LoadReport:
     records: int = 0
     skipped: int = 0
     errors: list[RecordError] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # uri -> sha256 of every file read
 
 
 def load_examples(
@@ -266,7 +267,7 @@ def load_examples(
     rng = random.Random(seed)
     for source in sources:
         from_source = []
-        for raw in read_source(source):
+        for raw in read_source(source, report.files):
             try:
                 item = convert_record(raw, source)
             except RecordError as err:

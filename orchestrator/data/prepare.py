@@ -91,6 +91,7 @@ def prepare_pretrain(data: DataConfig, tokenizer: Any) -> PreparedData:
     stats = {
         "records": report.records,
         "skipped_records": report.skipped,
+        "files": report.files,
         "train_documents": len(train_docs),
         "eval_documents": len(eval_docs),
         "train_blocks": len(train.blocks),
@@ -120,6 +121,7 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
     stats = {
         "records": report.records,
         "skipped_records": report.skipped,
+        "files": report.files,
         "template": template.name,
         "train_examples": len(train),
         "eval_examples": len(evals),
@@ -147,6 +149,6 @@ def prepare_stage_data(stage: StageKind, data: DataConfig, tokenizer: Any) -> Pr
 
 
 def _log_stats(stage: str, stats: dict, errors: list) -> None:
-    log.info("%s data: %s", stage, ", ".join(f"{k}={v}" for k, v in stats.items()))
+    log.info("%s data: %s", stage, ", ".join(f"{k}={v}" for k, v in stats.items() if k != "files"))
     for err in errors:
         log.warning("skipped bad record: %s", err)

@@ -7,12 +7,14 @@ Markdown. A raw record is a dict (structured formats) or a string (text files); 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator import storage
@@ -34,24 +36,30 @@ class RawRecord:
     error: Optional[RecordError] = None
 
 
-def read_source(source: DataSourceConfig) -> Iterator[RawRecord]:
-    """Every raw record of a source, files in sorted order, at most `source.max_records`."""
+def read_source(source: DataSourceConfig, digests: Optional[dict[str, str]] = None) -> Iterator[RawRecord]:
+    """Every raw record of a source, files in sorted order, at most `source.max_records`.
+
+    When `digests` is given, the sha256 of every file read is recorded in it (for lineage).
+    """
     count = 0
     for uri in storage.expand(source.path, SUPPORTED_SUFFIXES):
-        for record in read_file(uri, text_unit=source.text_unit):
+        for record in read_file(uri, text_unit=source.text_unit, digests=digests):
             yield record
             count += 1
             if source.max_records is not None and count >= source.max_records:
                 return
 
 
-def read_file(uri: str, text_unit: str = "auto") -> Iterator[RawRecord]:
+def read_file(uri: str, text_unit: str = "auto", digests: Optional[dict[str, str]] = None) -> Iterator[RawRecord]:
     """Raw records of one file, chosen by its suffix."""
     lower = uri.lower()
+    raw = storage.read_bytes(uri)
+    if digests is not None:
+        digests[uri] = hashlib.sha256(raw).hexdigest()
     if lower.endswith(PARQUET_SUFFIXES):
-        yield from _read_parquet(uri)
+        yield from _read_parquet(uri, raw)
         return
-    text = _decode(uri, storage.read_bytes(uri))
+    text = _decode(uri, raw)
     if lower.endswith(".jsonl"):
         yield from _read_jsonl(uri, text)
     elif lower.endswith(".json"):
@@ -101,10 +109,8 @@ def _read_json(uri: str, text: str) -> Iterator[RawRecord]:
         yield RawRecord(value, f"{uri}#{index}")
 
 
-def _read_parquet(uri: str) -> Iterator[RawRecord]:
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as handle:
-        table = pq.read_table(handle)
+def _read_parquet(uri: str, raw: bytes) -> Iterator[RawRecord]:
+    table = pq.read_table(pa.BufferReader(raw))
     for index, row in enumerate(table.to_pylist()):
         yield RawRecord(row, f"{uri}#{index}")
 

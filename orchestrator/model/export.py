@@ -1,58 +1,84 @@
-"""A stage's final checkpoint → a plain Hugging Face model directory (LoRA merged into its base)."""
+"""A stage's final checkpoint → a plain Hugging Face model directory (LoRA merged into its base),
+with a lineage manifest saying where it came from."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+from typing import Any, Optional
 
 import torch
 
 from orchestrator import storage
+from orchestrator.errors import CheckpointError
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.model.peft import merge_adapter
-from orchestrator.train.checkpoint import MODEL_DIR, verify_checkpoint
+from orchestrator.train.checkpoint import MANIFEST, MODEL_DIR, listing_problem
 
 log = logging.getLogger(__name__)
+LINEAGE = "lineage.json"
+
+
+def fetch_checkpoint_model(checkpoint_uri: str, local_dir: str) -> tuple[str, dict[str, Any]]:
+    """Check a checkpoint is complete (manifest vs. listing) and fetch only its `model/` directory."""
+    listing = storage.list_files(checkpoint_uri)
+    if MANIFEST not in listing:
+        raise CheckpointError(f"{checkpoint_uri}: incomplete checkpoint (no {MANIFEST}; it is written last)")
+    manifest = json.loads(storage.read_bytes(storage.join(checkpoint_uri, MANIFEST)))
+    problem = listing_problem(manifest, listing)
+    if problem:
+        raise CheckpointError(f"{checkpoint_uri}: incomplete checkpoint: {problem}")
+    model_uri = storage.join(checkpoint_uri, MODEL_DIR)
+    if storage.is_remote(model_uri):
+        return storage.download_dir(model_uri, local_dir), manifest
+    return storage.local_path(model_uri), manifest
 
 
 def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri: str,
-                 dtype: torch.dtype = torch.float32) -> str:
+                 dtype: torch.dtype = torch.float32, lineage: Optional[dict[str, Any]] = None) -> str:
     """Write the stage's final model to `out_uri` so `AutoModelForCausalLM.from_pretrained` loads it.
 
     Full fine-tuning: the checkpoint's model directory as is. LoRA: base + adapter merged.
+    `lineage` (base model, data digests, metrics, versions, ...) is saved beside it as lineage.json.
     """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        checkpoint_dir = storage.download_dir(checkpoint_uri, f"{tmp}/checkpoint")
-        verify_checkpoint(checkpoint_dir)
-        model_dir = f"{checkpoint_dir}/{MODEL_DIR}"
+        model_dir, manifest = fetch_checkpoint_model(checkpoint_uri, f"{tmp}/checkpoint")
         out_local = f"{tmp}/out"
         if method == "lora":
             base_dir = storage.download_dir(base_model_uri, f"{tmp}/base")
             merged = merge_adapter(base_dir, model_dir, dtype)
             tokenizer = load_tokenizer(model_dir)
-            _set_generation_eos(merged, tokenizer)
+            _set_generation_eos(merged.generation_config, tokenizer)
             merged.save_pretrained(out_local, safe_serialization=True)
             tokenizer.save_pretrained(out_local)
         else:
             shutil.copytree(model_dir, out_local)
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(out_local)
             tokenizer = load_tokenizer(out_local)
-            _set_generation_eos(model, tokenizer)
-            model.generation_config.save_pretrained(out_local)
+            try:
+                generation = GenerationConfig.from_pretrained(out_local)
+            except OSError:
+                generation = GenerationConfig.from_model_config(AutoModelForCausalLM.from_pretrained(out_local).config)
+            _set_generation_eos(generation, tokenizer)
+            generation.save_pretrained(out_local)
+        record = {"checkpoint": checkpoint_uri, "method": method, "base_model": base_model_uri,
+                  "trainer_state": manifest.get("trainer_state"), **(lineage or {})}
+        with open(f"{out_local}/{LINEAGE}", "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, ensure_ascii=False, default=str)
         storage.upload_dir(out_local, out_uri)
     log.info("exported %s model to %s", method, out_uri)
     return out_uri
 
 
-def _set_generation_eos(model, tokenizer) -> None:
+def _set_generation_eos(generation: Any, tokenizer: Any) -> None:
     """Stop generation at the tokenizer's EOS and at <|im_end|> (chatml answers end with it)."""
     eos = {tokenizer.eos_token_id}
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         eos.add(im_end)
     eos.discard(None)
-    model.generation_config.eos_token_id = sorted(eos)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    generation.eos_token_id = sorted(eos)
+    generation.pad_token_id = tokenizer.pad_token_id

@@ -74,38 +74,82 @@ def write_manifest(root: str, files: dict[str, dict[str, Any]], state: TrainerSt
     os.replace(tmp, os.path.join(root, MANIFEST))
 
 
+def listing_problem(manifest: dict[str, Any], listing: dict[str, int]) -> Optional[str]:
+    """Why a checkpoint's files (relative path → size) do not match its manifest, or None if they do."""
+    for rel, entry in manifest["files"].items():
+        if rel not in listing:
+            return f"{rel} is listed in the manifest but missing"
+        if listing[rel] != entry["size"]:
+            return f"{rel} has {listing[rel]} bytes, manifest says {entry['size']}"
+    return None
+
+
 def verify_checkpoint(root: str, check_hashes: bool = False) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; CheckpointError naming what is missing otherwise."""
+    """The manifest of a complete local checkpoint; CheckpointError naming what is missing otherwise."""
     manifest_path = os.path.join(root, MANIFEST)
     if not os.path.exists(manifest_path):
         raise CheckpointError(f"{root}: incomplete checkpoint (no {MANIFEST}; it is written last)")
     with open(manifest_path, encoding="utf-8") as handle:
         manifest = json.load(handle)
-    for rel, entry in manifest["files"].items():
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{root}: incomplete checkpoint: {rel} is listed in the manifest but missing")
-        if os.path.getsize(path) != entry["size"]:
-            raise CheckpointError(f"{root}: incomplete checkpoint: {rel} has {os.path.getsize(path)} bytes, "
-                                  f"manifest says {entry['size']}")
-        if check_hashes and sha256_of(path) != entry["sha256"]:
-            raise CheckpointError(f"{root}: {rel} does not match its sha256 in the manifest")
+    listing = {str(p.relative_to(root)): p.stat().st_size for p in Path(root).rglob("*") if p.is_file()}
+    problem = listing_problem(manifest, listing)
+    if problem:
+        raise CheckpointError(f"{root}: incomplete checkpoint: {problem}")
+    if check_hashes:
+        for rel, entry in manifest["files"].items():
+            if sha256_of(os.path.join(root, rel)) != entry["sha256"]:
+                raise CheckpointError(f"{root}: {rel} does not match its sha256 in the manifest")
     return manifest
 
 
-def latest_complete_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest complete `checkpoint_step*` directory under a local run directory, or None."""
-    if not os.path.isdir(run_dir):
-        return None
-    candidates = sorted((d for d in os.listdir(run_dir) if d.startswith("checkpoint_step")), reverse=True)
-    for name in candidates:
-        path = os.path.join(run_dir, name)
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError:
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory as found in storage."""
+
+    uri: str
+    name: str
+    step: Optional[int]
+    epoch: Optional[int]
+    eval_loss: Optional[float]
+    size_bytes: int
+    complete: bool
+    problem: Optional[str] = None
+
+
+def list_checkpoints(stage_uri: str) -> list[CheckpointInfo]:
+    """Every `checkpoint_step*` directory under a stage's run path or URI, oldest first, complete or not."""
+    from orchestrator import storage
+
+    groups: dict[str, dict[str, int]] = {}
+    for rel, size in storage.list_files(stage_uri).items():
+        top, _, inner = rel.partition("/")
+        if top.startswith("checkpoint_step") and inner:
+            groups.setdefault(top, {})[inner] = size
+    infos = []
+    for name in sorted(groups):
+        files, uri = groups[name], storage.join(stage_uri, name)
+        if MANIFEST not in files:
+            infos.append(CheckpointInfo(uri, name, None, None, None, sum(files.values()), False,
+                                        f"no {MANIFEST} (written last): the checkpoint was not finished"))
             continue
-    return None
+        try:
+            manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+        except (ValueError, OSError) as exc:
+            infos.append(CheckpointInfo(uri, name, None, None, None, sum(files.values()), False,
+                                        f"{MANIFEST} unreadable: {exc}"))
+            continue
+        state = manifest.get("trainer_state", {})
+        problem = listing_problem(manifest, files)
+        infos.append(CheckpointInfo(uri, name, state.get("global_step"), state.get("epoch"),
+                                    state.get("metrics", {}).get("eval_loss"), sum(files.values()),
+                                    problem is None, problem))
+    return infos
+
+
+def latest_complete_checkpoint(stage_uri: str) -> Optional[str]:
+    """URI of the newest complete checkpoint of a stage, or None. Incomplete ones are never returned."""
+    complete = [c for c in list_checkpoints(stage_uri) if c.complete]
+    return max(complete, key=lambda c: c.step or 0).uri if complete else None
 
 
 def read_trainer_state(root: str) -> TrainerState:

@@ -178,14 +178,28 @@ def _save_checkpoint(engine: Any, tokenizer: Any, state: ckpt.TrainerState, extr
         )
 
 
+def _resume(engine: Any, root: str, is_lora: bool, rank: int) -> ckpt.TrainerState:
+    """Load engine (module, optimizer shards, scheduler), RNG and trainer state from a local checkpoint."""
+    ckpt.verify_checkpoint(root)
+    load_path, client = engine.load_checkpoint(
+        os.path.join(root, ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_module_strict=not is_lora
+    )
+    if load_path is None:
+        raise ckpt.CheckpointError(f"{root}: DeepSpeed found no engine state to resume from")
+    ckpt.load_rng(root, rank)
+    return ckpt.TrainerState(**client["trainer_state"])
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point run by Ray Train on each worker. `loop_config` is built by orchestrator.train.trainer."""
     import deepspeed
+    import ray
     import ray.train
     import torch.distributed as dist
     from ray.train.torch import get_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    storage.configure(ray.get(loop_config["s3_settings"]))
     config: PipelineConfig = config_from_dict(loop_config["config"], "train_loop_config")
     stage: str = loop_config["stage"]
     train_cfg = config.stage(stage).train
@@ -226,20 +240,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
-    state = ckpt.TrainerState()
-    resumed_from = None
+    state, resumed_from = ckpt.TrainerState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as root:
-            ckpt.verify_checkpoint(root)
-            load_path, client = engine.load_checkpoint(
-                os.path.join(root, ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_module_strict=not is_lora
-            )
-            if load_path is None:
-                raise ckpt.CheckpointError(f"{root}: DeepSpeed found no engine state to resume from")
-            state = ckpt.TrainerState(**client["trainer_state"])
-            ckpt.load_rng(root, rank)
-            resumed_from = root
+            state = _resume(engine, root, is_lora, rank)
+        resumed_from = checkpoint.path
+    else:
+        # Ray's record can miss a checkpoint that finished uploading just before a crash (or after its
+        # controller died); the manifests in storage are the ground truth.
+        latest = ckpt.latest_complete_checkpoint(loop_config["stage_uri"])
+        if latest is not None:
+            state = _resume(engine, storage.download_dir(latest, os.path.join(cache, "resume")), is_lora, rank)
+            resumed_from = latest
+    if resumed_from is not None:
         log.info("resumed from %s at epoch %d, step %d", resumed_from, state.epoch, state.global_step)
 
     logs = MetricsLog(loop_config["logs_dir"] if rank == 0 else None, stage)
@@ -306,8 +320,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             end_of_epoch = micro + 1 == micro_per_epoch
             if every_n and step % every_n == 0 and not (end_of_epoch and config.checkpoint.at_epoch_end):
+                # Every checkpoint carries an eval loss: Ray keeps the best N by it.
+                metrics = {"step": step, "epoch": epoch + 1}
+                if eval_data is not None:
+                    metrics.update(evaluate(engine, eval_data, eval_batch, pad_id, device, config.eval.max_batches))
+                    logs.write(step, metrics)
+                state.metrics = metrics
                 _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_lora, logs_for_checkpoint,
-                                 {"step": step, "epoch": epoch + 1})
+                                 metrics)
             if train_cfg.fail_at_step is not None and step == train_cfg.fail_at_step:
                 raise RuntimeError(f"fault injection: train.fail_at_step={step} reached (testing aid)")
         # End of epoch: evaluate, report, checkpoint.

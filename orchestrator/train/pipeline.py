@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig
+from orchestrator.config import PipelineConfig, s3_settings
+from orchestrator.errors import OrchestratorError
+from orchestrator.train.checkpoint import latest_complete_checkpoint
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.export import export_model
@@ -27,6 +29,20 @@ from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolv
 from orchestrator.train.trainer import ensure_ray, fit_stage
 
 log = logging.getLogger(__name__)
+
+
+class TrainingFailed(OrchestratorError):
+    """Training of a stage failed (after Ray Train's restarts); says where a rerun will resume."""
+
+    def __init__(self, stage: str, stage_uri: str, cause: BaseException):
+        try:
+            latest = latest_complete_checkpoint(stage_uri)
+            resume = (f"running the same command again resumes from {latest}" if latest
+                      else "no complete checkpoint was written yet; running it again starts over")
+        except Exception as exc:  # the storage may be the very thing that is down
+            resume = f"the checkpoints under {stage_uri} cannot be listed right now ({exc})"
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}\n{resume}")
+        self.stage = stage
 
 
 @dataclass
@@ -48,15 +64,42 @@ class PipelineResult:
         return self.stages[-1].model_uri
 
 
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("ray-llm-orchestrator", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow", "boto3"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_revision() -> str:
+    """The git commit of the orchestrator source, or 'unknown' (e.g. a `ray job submit` working-dir copy)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def run_root(config: PipelineConfig) -> str:
     return storage.join(config.checkpoint.storage_path, config.run_name)
 
 
-def _logs_dir(config: PipelineConfig, stage: str) -> str:
+def logs_dir(config: PipelineConfig, stage: str) -> str:
     root = run_root(config)
     if storage.is_remote(root):
         # Logs are written locally by rank 0 and copied into every checkpoint, which travels to storage.
-        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", config.run_name, stage)
+        import hashlib
+
+        key = hashlib.sha1(root.encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{key}", stage)
     return storage.join(root, "logs", stage)
 
 
@@ -100,6 +143,7 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
     """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
     started = time.perf_counter()
+    storage.configure(s3_settings(config))
     stage_cfg = config.stage(stage)
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
@@ -108,12 +152,29 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
     data = prepare_stage_data(stage, stage_cfg.data, tokenizer)
     ensure_ray(ray_address)
-    outcome = fit_stage(config, stage, data, base_model, tokenizer_uri, run_root(config), _logs_dir(config, stage))
+    try:
+        outcome = fit_stage(config, stage, data, base_model, tokenizer_uri, run_root(config),
+                            logs_dir(config, stage))
+    except OrchestratorError:
+        raise
+    except Exception as exc:
+        raise TrainingFailed(stage, storage.join(run_root(config), stage), exc) from exc
     train_cfg = stage_cfg.train
     precision = "bf16" if train_cfg.precision == "bf16" else "fp32"
+    lineage = {
+        "stage": stage,
+        "tokenizer": tokenizer_uri,
+        "data_files": data.stats.get("files", {}),
+        "data_stats": {k: v for k, v in data.stats.items() if k != "files"},
+        "metrics": outcome.metrics,
+        "config": config.model_dump(mode="json"),  # secrets are masked by their SecretStr type
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     model_uri = export_model(outcome.checkpoint_path, base_model, train_cfg.method,
                              storage.join(run_root(config), "models", stage),
-                             resolve_dtype(config.model.dtype, precision))
+                             resolve_dtype(config.model.dtype, precision), lineage)
     wall = time.perf_counter() - started
     log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
     return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)
@@ -126,6 +187,7 @@ def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> P
 
         raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
     result = PipelineResult()
+    storage.configure(s3_settings(config))
     base_model, tokenizer_uri = materialize_base(config)
     if config.pretrain is not None:
         stage1 = run_stage(config, "pretrain", base_model, tokenizer_uri, ray_address)

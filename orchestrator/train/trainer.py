@@ -40,6 +40,7 @@ def fit_stage(
     logs_dir: str,
 ) -> FitOutcome:
     """Train one stage on the Ray cluster; a second call with the same run_root resumes the first."""
+    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -61,6 +62,8 @@ def fit_stage(
     if data.eval is not None:
         datasets["eval"] = ray.data.from_arrow(data.eval)
     storage_path, filesystem = storage.ray_storage(run_root)
+    # Credentials travel through the object store, never in the (possibly persisted) loop config.
+    s3_settings_ref = ray.put(storage.current_settings())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -72,6 +75,8 @@ def fit_stage(
             "has_eval": data.eval is not None,
             "logs_dir": logs_dir,
             "logs_into_checkpoints": storage.is_remote(run_root),
+            "s3_settings": s3_settings_ref,
+            "stage_uri": storage.join(run_root, stage),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=dist.num_workers,
@@ -83,7 +88,12 @@ def fit_stage(
             name=stage,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            # Keep the N best by eval loss (Ray always keeps the latest too, for resuming).
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoint.keep,
+                checkpoint_score_attribute="eval_loss" if data.eval is not None else None,
+                checkpoint_score_order="min",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
         ),
         datasets=datasets,
@@ -96,4 +106,5 @@ def fit_stage(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
-    return FitOutcome(result.checkpoint.path, dict(result.metrics or {}), result.path)
+    return FitOutcome(storage.to_uri(result.checkpoint.path, filesystem), dict(result.metrics or {}),
+                      storage.to_uri(result.path, filesystem))

@@ -16,7 +16,7 @@ import torch
 from orchestrator.config import config_from_dict
 from orchestrator.train.checkpoint import TRAINER_STATE, latest_complete_checkpoint, verify_checkpoint
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.pipeline import run_pipeline, run_root, run_stage
+from orchestrator.train.pipeline import logs_dir, run_pipeline, run_root, run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def sft_section(shared: Path, method: str, **train) -> dict:
 
 
 def eval_losses(config, stage: str) -> list[float]:
-    records = read_metrics(os.path.join(run_root(config), "logs", stage))
+    records = read_metrics(logs_dir(config, stage))
     evals = [r for r in records if "eval_loss" in r]
     return [r["eval_loss"] for r in sorted(evals, key=lambda r: (r["step"], r["epoch"]))]
 
@@ -131,7 +131,7 @@ def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_da
 
     config = config_from_dict(tree)
     result = run_stage(config, "pretrain")
-    records = read_metrics(os.path.join(run_root(config), "logs", "pretrain"))
+    records = read_metrics(logs_dir(config, "pretrain"))
     resumed = [i for i, r in enumerate(records) if r.get("event") == "resumed"]
     assert len(resumed) == 1 and records[resumed[0]]["step"] == 2
     steps_after = [r["step"] for r in records[resumed[0]:] if "train_loss" in r]
@@ -148,7 +148,7 @@ def test_worker_failure_restarts_automatically(ray_cluster, tmp_path, shared_dat
     tree["checkpoint"]["every_n_steps"] = 2
     config = config_from_dict(tree)
     result = run_stage(config, "sft")
-    records = read_metrics(os.path.join(run_root(config), "logs", "sft"))
+    records = read_metrics(logs_dir(config, "sft"))
     assert [r["step"] for r in records if r.get("event") == "resumed"] == [2]
     losses = eval_losses(config, "sft")
     assert losses[-1] < losses[0], losses
