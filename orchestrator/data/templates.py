@@ -145,3 +145,17 @@ def select_template(name: str, tokenizer: Any) -> ChatTemplate:
             raise ConfigError("the alpaca template needs a tokenizer with an eos_token")
         return AlpacaTemplate(tokenizer.eos_token)
     raise ConfigError(f"unknown template {name!r}; allowed: auto, tokenizer, alpaca, chatml")
+
+
+def prompt_for_generation(template: ChatTemplate, messages: list[tuple[str, str]]) -> str:
+    """Text the model continues for a chat ending in a user message: history rendered exactly as in
+    training, then the generation prompt of the last user turn."""
+    from orchestrator.data.formats import Message
+
+    if not messages or messages[-1][0] != "user":
+        raise DataError("a generation prompt needs messages ending with a user message")
+    # A placeholder answer for the last turn; only its prompt part is kept.
+    conversation = Conversation(tuple(Message(r, c) for r, c in messages) + (Message("assistant", "x"),),
+                                "request")
+    rendered = template.render(conversation)
+    return rendered.prefix + "".join(p + a for p, a in rendered.turns[:-1]) + rendered.turns[-1][0]

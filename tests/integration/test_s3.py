@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,6 +95,16 @@ def test_checkpoints_and_models_on_s3_without_leaking_credentials(ray_cluster, s
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix="runs-a/")["Contents"]}
     assert {f"runs-a/s3run/pretrain/{i.name}/manifest.json" for i in infos} <= keys
     assert result.checkpoint_uri == latest_complete_checkpoint(stage_uri)
+
+    # The CLI lists them too, with credentials from the standard AWS environment variables.
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": s3_server.endpoint}
+    listed = subprocess.run([sys.executable, "-m", "orchestrator", "checkpoints", "list", stage_uri],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    for info in infos:
+        assert re.search(rf"{info.name}\s+{info.step}\s+{info.epoch}\s+{info.eval_loss:.4f}\s+[\d.]+\s+complete",
+                         listed.stdout), listed.stdout
 
     # The final model loads from S3, with a lineage manifest naming the S3 data it was trained on.
     from transformers import AutoModelForCausalLM
