@@ -14,6 +14,8 @@ from orchestrator.errors import OrchestratorError
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
     parser.add_argument("--address", default=None, help="Ray address; default: RAY_ADDRESS or a new local cluster")
+    parser.add_argument("--strict", action="store_true", help="refuse to launch when the memory plan says it "
+                        "will not fit (plan.strict=true)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.train.learning_rate=1e-4")
 
 
@@ -35,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("uri", help="a stage's run directory, e.g. s3://bucket/runs/<run>/pretrain")
     checkpoints.add_argument("--config", "-c", help="config whose storage.s3 settings to use (else AWS defaults)")
     checkpoints.add_argument("--json", action="store_true", help="machine-readable output")
+    merge = sub.add_parser("merge", help="fold LoRA adapter(s) into a base model (checked by logits)")
+    merge.add_argument("--base", required=True, help="base model directory or URI")
+    merge.add_argument("--adapter", required=True, action="append", help="adapter directory or URI (repeatable, in order)")
+    merge.add_argument("--out", required=True, help="output directory or URI")
+    serve_cmd = sub.add_parser("serve", help="serve the final model over an OpenAI-compatible HTTP API (Ray Serve)")
+    _add_config_args(serve_cmd)
     gen = sub.add_parser("generate", help="print a completion from a model directory")
     gen.add_argument("--model", required=True, help="Hugging Face model directory (e.g. runs/<run>/models/sft)")
     gen.add_argument("--prompt", required=True)
@@ -44,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    plan = sub.add_parser("plan", help="memory and throughput plan: does it fit, what to change, how long")
+    plan.add_argument("--config", "-c", help="YAML config to plan (default: GPU defaults with an sft stage)")
+    plan.add_argument("--preset", help="plan a named model instead of the config's: 7b, 13b, 34b, 70b")
+    plan.add_argument("--model-dir", help="plan the model whose config.json is in this directory or URI")
+    plan.add_argument("--stage", choices=["pretrain", "sft"], action="append", help="stage(s) to plan (default: all)")
+    plan.add_argument("--tokens", type=float, help="dataset size in tokens, for wall time and GPU-hours")
+    plan.add_argument("--method", choices=["full", "freeze", "lora", "qlora-8bit", "qlora-4bit", "prompt", "p-tuning"])
+    plan.add_argument("--precision", choices=["fp32", "amp", "bf16", "pure-bf16"])
+    plan.add_argument("--markdown", action="store_true", help="Markdown output")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. plan.gpu_memory_gib=40")
     return parser
 
 
@@ -59,8 +77,29 @@ def run_command(args: argparse.Namespace) -> int:
             config = load_config(args.config, args.overrides)
             print(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
         return 0
+    if args.command == "merge":
+        from orchestrator.model.export import merge_to
+
+        diff = merge_to(args.base, args.adapter, args.out)
+        print(json.dumps({"out": args.out, "adapters": args.adapter, "max_abs_logit_diff": diff}))
+        return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "checkpoints":
         return _list_checkpoints(args)
+    if args.command == "plan":
+        from orchestrator import storage
+        from orchestrator.config import s3_settings
+        from orchestrator.plan import plan_command
+
+        config = load_config(args.config, args.overrides) if args.config else None
+        if config is not None:
+            storage.configure(s3_settings(config))
+        text, ok = plan_command(config, overrides=args.overrides, stages=args.stage, preset=args.preset,
+                                model_dir=args.model_dir, tokens=int(args.tokens) if args.tokens else None,
+                                method=args.method, precision=args.precision, markdown=args.markdown)
+        print(text, end="")
+        return 0 if ok else 1
     if args.command == "generate":
         from orchestrator.model.generate import generate_text, load_for_generation
 
@@ -71,7 +110,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.train.pipeline import run_pipeline, run_stage
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
     if args.command == "pipeline":
         stages = run_pipeline(config, args.address).stages
     else:
@@ -80,6 +119,29 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps({"stage": result.stage, "model": result.model_uri, "checkpoint": result.checkpoint_uri,
                           "metrics": result.metrics, "data": result.data_stats,
                           "wall_seconds": round(result.wall_seconds, 1)}, ensure_ascii=False))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from orchestrator import storage
+    from orchestrator.config import load_config, s3_settings
+    from orchestrator.serve.app import run_server
+    from orchestrator.train.trainer import ensure_ray
+
+    config = load_config(args.config, args.overrides)
+    storage.configure(s3_settings(config))
+    ensure_ray(args.address)
+    url = run_server(config, blocking=False)
+    print(f"serving on {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
     return 0
 
 

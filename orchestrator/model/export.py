@@ -82,3 +82,20 @@ def _set_generation_eos(generation: Any, tokenizer: Any) -> None:
     eos.discard(None)
     generation.eos_token_id = sorted(eos)
     generation.pad_token_id = tokenizer.pad_token_id
+
+
+def merge_to(base_uri: str, adapter_uris: list[str], out_uri: str, dtype: torch.dtype = torch.float32) -> float:
+    """`orchestrator merge`: base + adapters (in order) → a model directory; returns max |logit diff|."""
+    from orchestrator.model.peft import merge_adapters
+
+    with tempfile.TemporaryDirectory(prefix="merge-") as tmp:
+        base_dir = storage.download_dir(base_uri, f"{tmp}/base")
+        adapters = [storage.download_dir(uri, f"{tmp}/adapter{i}") for i, uri in enumerate(adapter_uris)]
+        model, diff = merge_adapters(base_dir, adapters, dtype)
+        tokenizer_dir = adapters[-1] if storage.exists(f"{adapters[-1]}/tokenizer_config.json") else base_dir
+        tokenizer = load_tokenizer(tokenizer_dir)
+        _set_generation_eos(model.generation_config, tokenizer)
+        model.save_pretrained(f"{tmp}/out", safe_serialization=True)
+        tokenizer.save_pretrained(f"{tmp}/out")
+        storage.upload_dir(f"{tmp}/out", out_uri)
+    return diff

@@ -40,3 +40,48 @@ def merge_adapter(base_dir: str, adapter_dir: str, dtype: torch.dtype = torch.fl
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     return merged
+
+
+def merge_adapters(base_dir: str, adapter_dirs: list[str], dtype: torch.dtype = torch.float32) -> tuple[Any, float]:
+    """Fold LoRA adapters into a base model, in order. Returns (merged model, max |logit difference|).
+
+    Each merge is checked: the merged model's logits on a probe input must equal base+adapter's.
+    A vocabulary mismatch (adapter trained on a resized embedding) raises a clear error.
+    """
+    from peft import PeftConfig, PeftModel
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.errors import CheckpointError
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    worst = 0.0
+    for adapter_dir in adapter_dirs:
+        try:
+            PeftConfig.from_pretrained(adapter_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{adapter_dir}: not a peft adapter directory ({exc})") from exc
+        vocab = model.get_input_embeddings().weight.shape[0]
+        weights = f"{adapter_dir}/adapter_model.safetensors"
+        try:
+            with safe_open(weights, framework="pt") as handle:
+                for key in handle.keys():
+                    if key.endswith(("embed_tokens.weight", "lm_head.weight")) and handle.get_slice(key).get_shape()[0] != vocab:
+                        raise CheckpointError(
+                            f"{adapter_dir}: the adapter's {key} has {handle.get_slice(key).get_shape()[0]} rows but "
+                            f"the base model's vocabulary has {vocab}; resize the base to the adapter's tokenizer first"
+                        )
+        except (OSError, SafetensorError) as exc:  # missing or corrupt safetensors
+            raise CheckpointError(f"{adapter_dir}: cannot read adapter weights ({exc})") from exc
+        try:
+            wrapped = PeftModel.from_pretrained(model, adapter_dir).eval()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{adapter_dir}: adapter does not fit the base model {base_dir}: {exc}") from exc
+        probe = torch.arange(min(16, vocab)).unsqueeze(0) % vocab
+        with torch.no_grad():
+            before = wrapped(probe).logits
+            model = wrapped.merge_and_unload()
+            after = model(probe).logits
+        worst = max(worst, (before - after).abs().max().item())
+        log.info("merged %s (max |logit diff| %.3g)", adapter_dir, worst)
+    return model, worst

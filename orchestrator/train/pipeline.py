@@ -25,6 +25,7 @@ from orchestrator.train.checkpoint import latest_complete_checkpoint
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.export import export_model
+from orchestrator.plan.planner import check_fits
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
 from orchestrator.train.trainer import ensure_ray, fit_stage
 
@@ -145,6 +146,7 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     started = time.perf_counter()
     storage.configure(s3_settings(config))
     stage_cfg = config.stage(stage)
+    check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
     tokenizer_uri = tokenizer_uri or base_model

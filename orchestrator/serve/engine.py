@@ -1,0 +1,189 @@
+"""Hugging Face `generate` behind the API: batched generation with left padding, token-by-token
+streaming, stop strings, usage counts. Plain Python (no Serve), so it is tested and benchmarked
+in-process against the very same code the deployment runs."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from orchestrator.data.templates import prompt_for_generation, select_template
+from orchestrator.serve.protocol import GenerationParams, check_context, cut_at_stop, stop_prefix_hold
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _TokenQueue:
+    """A transformers streamer that hands every new token id to a queue (no word-boundary buffering)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first sends the prompt
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(token)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class HFEngine:
+    """One model + tokenizer; `generate` for batches, `stream` for one request."""
+
+    def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None,
+                 device: Optional[str] = None):
+        from transformers import AutoModelForCausalLM
+
+        from orchestrator.model.loading import load_tokenizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32),
+            trust_remote_code=trust_remote_code,
+        ).to(self.device)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer.padding_side = "left"
+        self.template = select_template("auto", self.tokenizer)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} or {self.tokenizer.eos_token_id}
+        self._lock = threading.Lock()  # one generate at a time per engine (torch threads are shared)
+
+    # -- prompts
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> str:
+        return prompt_for_generation(self.template, messages)
+
+    def encode(self, text: str, params: GenerationParams) -> list[int]:
+        """Prompt token ids; 400 if prompt + max_tokens exceed the context."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        check_context(len(ids), params, self.context_length)
+        return ids
+
+    # -- generation
+    def _inputs(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, ids in enumerate(batch):  # left padding: generation continues at the right edge
+            input_ids[i, longest - len(ids):] = torch.tensor(ids)
+            mask[i, longest - len(ids):] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        kwargs = params.generate_kwargs()
+        kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        kwargs["eos_token_id"] = sorted(self.eos_ids)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Completion:
+        ended = False
+        for i, token in enumerate(new_ids):
+            if token in self.eos_ids:
+                new_ids, ended = new_ids[:i], True
+                break
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, params.stop)
+        tokens = len(new_ids) if not stopped else len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        reason = "stop" if ended or stopped else "length"
+        return Completion(text, reason, prompt_tokens, tokens)
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Completion]:
+        """Completions for prompts that share `params` (one left-padded batch)."""
+        inputs = self._inputs(prompts)
+        with self._lock, torch.no_grad():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.model.generate(**inputs, **self._kwargs(params))
+        width = inputs["input_ids"].shape[1]
+        return [self._finish(output[i, width:].tolist(), len(p), params) for i, p in enumerate(prompts)]
+
+    def stream(self, prompt: list[int], params: GenerationParams) -> Iterator[Any]:
+        """Text deltas (str) as tokens are generated, then one Completion with the finish reason and usage.
+
+        The deltas concatenate to exactly `generate`'s text for the same (greedy) request.
+        """
+        streamer = _TokenQueue()
+        inputs = self._inputs([prompt])
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.no_grad():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.model.generate(**inputs, **self._kwargs(params), streamer=streamer)
+            except BaseException as exc:  # surfaced to the consumer below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        ids: list[int] = []
+        sent = ""
+        ended = False
+        while True:
+            token = streamer.queue.get()
+            if token is None:
+                break
+            if token in self.eos_ids:
+                ended = True
+                break
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut, stopped = cut_at_stop(text, params.stop)
+            if stopped:
+                if len(cut) > len(sent):
+                    yield cut[len(sent):]
+                sent = cut
+                break
+            # hold back an incomplete UTF-8 character and a possible stop-string prefix
+            ready = text[: len(text) - stop_prefix_hold(text, params.stop)].rstrip("\ufffd")
+            if len(ready) > len(sent):
+                yield ready[len(sent):]
+                sent = ready
+        thread.join()
+        if errors:
+            raise errors[0]
+        finished = self._finish(ids + [next(iter(self.eos_ids))] if ended else ids, len(prompt), params)
+        if len(finished.text) > len(sent) and finished.text.startswith(sent):
+            yield finished.text[len(sent):]
+        yield finished  # last item: finish reason and token counts
+
+
+class AdapterEngine(HFEngine):
+    """The base engine's model with a LoRA adapter on top (a copy: the base stays unchanged)."""
+
+    def __init__(self, base: HFEngine, adapter_dir: str):
+        import copy
+
+        from peft import PeftModel
+
+        self.device = base.device
+        self.model = PeftModel.from_pretrained(copy.deepcopy(base.model), adapter_dir).to(self.device)
+        self.model.eval()
+        self.tokenizer = base.tokenizer
+        self.template = base.template
+        self.context_length = base.context_length
+        self.eos_ids = base.eos_ids
+        self._lock = threading.Lock()
