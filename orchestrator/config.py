@@ -283,6 +283,7 @@ class AutoscalingConfig(_Section):
     upscale_delay_s: float = Field(30.0, ge=0, description="Sustained load needed before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Sustained quiet needed before removing replicas.")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which load is averaged.")
 
 
 class ServeConfig(_Section):

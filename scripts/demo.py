@@ -1,4 +1,5 @@
-"""`make demo`: the two-stage pipeline on the shipped sample data and a tiny model, then an answer.
+"""`make demo`: the two-stage pipeline on the shipped sample data and a tiny model, then an answer
+in-process and one over HTTP from Ray Serve.
 
 Runs stage 1 (continued pretraining, full fine-tuning) and stage 2 (SFT with LoRA, merged at the
 end) on 2 Ray Train workers with DeepSpeed ZeRO-2, prints the loss of every epoch and a generated
@@ -43,11 +44,42 @@ def main() -> int:
         print(f"{stage.stage}: {stage.data_stats['train_tokens']} training tokens, "
               f"{stage.metrics.get('tokens_per_s_run', 0):.0f} tokens/s, {stage.wall_seconds:.0f} s")
     model, tokenizer = load_for_generation(result.final_model)
-    print("\n=== generated answers (final model: %s) ===" % result.final_model)
+    print("\n=== generated answers, in-process (final model: %s) ===" % result.final_model)
     for prompt in config.eval.prompts:
         answer = generate_text(model, tokenizer, prompt, config.eval.max_new_tokens, repetition_penalty=1.3)
         print(f"Q: {prompt}\nA: {answer.strip()}\n")
+    serve_and_ask(config)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+
+def serve_and_ask(config) -> None:
+    """Serve the final model on 127.0.0.1 (Ray Serve), ask one chat question over HTTP, shut down."""
+    import json
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from orchestrator.serve.app import run_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = config.model_copy(update={"serve": config.serve.model_copy(update={"host": "127.0.0.1", "port": port})})
+    url = run_server(config, blocking=False)
+    try:
+        question = config.eval.prompts[0] if config.eval.prompts else "发烧时应该怎么办？"
+        body = {"model": config.run_name, "messages": [{"role": "user", "content": question}],
+                "max_tokens": config.eval.max_new_tokens, "temperature": 0, "repetition_penalty": 1.3}
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.load(response)
+        print(f"=== over HTTP: POST {url}/v1/chat/completions ===")
+        print(f"Q: {question}\nA: {answer['choices'][0]['message']['content'].strip()}")
+        print(f"usage: {answer['usage']}\n")
+    finally:
+        serve.shutdown()
     return 0
 
 

@@ -310,6 +310,7 @@ def build_app(config: PipelineConfig) -> serve.Application:
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
             "downscale_delay_s": a.downscale_delay_s, "metrics_interval_s": a.metrics_interval_s,
+            "look_back_period_s": a.look_back_period_s,
         }
     else:
         options["num_replicas"] = cfg.num_replicas

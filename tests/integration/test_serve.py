@@ -16,6 +16,10 @@ from orchestrator.train.pipeline import run_stage
 from s3_support import free_port
 
 pytestmark = pytest.mark.integration
+# Replicas report load every 0.5 s instead of 10 s, so the autoscaling test runs in seconds.
+# (Set before this module's Ray cluster starts; its processes inherit the environment.)
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-orchestrator-test-key"
 
@@ -261,3 +265,70 @@ def test_merge_cli_checks_logits_and_rejects_bad_adapters(served, tmp_path):
                              "--adapter", str(corrupt), "--out", str(tmp_path / "x")],
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and "cannot read adapter weights" in failed.stderr
+
+
+def test_autoscaling_goes_up_under_load_and_back_down(served):
+    """A bounded loopback load (8 clients, at most 90 s) scales 1 -> 2 replicas; quiet scales back to 1."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from orchestrator.serve.app import build_app
+
+    tree = served["config"].model_dump(mode="json")
+    tree["storage"] = {}
+    tree["serve"].update(api_keys_env=None, adapters={}, max_batch_size=1, max_ongoing_requests=8, autoscaling={
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1})
+    serve.run(build_app(config_from_dict(tree)), name="autoscale", route_prefix="/as", blocking=False)
+
+    def running() -> int:
+        app = serve.status().applications.get("autoscale")
+        if app is None:
+            return 0
+        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+    stop, seen = threading.Event(), []
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                http.post(served["url"] + "/as/v1/completions", json={"prompt": "发烧", "max_tokens": 48})
+
+    try:
+        deadline = time.monotonic() + 60
+        while running() < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert running() == 1
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(8):
+                pool.submit(client)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and running() < 2:
+                time.sleep(0.5)
+            seen.append(running())
+            stop.set()
+        assert seen[-1] == 2, "did not scale up to 2 replicas under load"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and running() > 1:
+            time.sleep(0.5)
+        assert running() == 1, "did not scale back down to 1 replica"
+    finally:
+        stop.set()
+        serve.delete("autoscale")
+
+
+def test_serve_yaml_builder_builds_the_application(served):
+    """configs/serve.yaml's import path and args build a bound application (what `serve run` deploys)."""
+    import yaml
+    from ray.serve import Application
+
+    from orchestrator.serve.app import app_builder
+
+    spec = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]
+    assert spec["import_path"] == "orchestrator.serve.app:app_builder"
+    args = {**spec["args"], "config": str(REPO / spec["args"]["config"]),
+            "overrides": f"serve.model={served['model_dir']},serve.max_batch_size=4"}
+    assert isinstance(app_builder(args), Application)

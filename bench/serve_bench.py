@@ -1,0 +1,155 @@
+"""Serving latency and throughput: Ray Serve over HTTP vs `generate` in-process, same model and prompts.
+
+    .venv/bin/python bench/serve_bench.py [--requests 24]
+
+A tiny LLaMA model (random weights, byte-level BPE tokenizer trained on the demo data) is served on
+127.0.0.1 twice, with dynamic batching on (max 8, 50 ms wait) and off. For 16 and 64 new tokens
+(greedy) at concurrency 1, 8 and 32 it measures p50/p99 latency and generated tokens/s, next to
+the in-process engine: one request at a time (latency) and one batch of 8 (throughput). Writes
+bench/results/serve.json and a Markdown table to stdout. Loopback only; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "发烧时应该怎么办？"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_model(directory: Path) -> str:
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.data.readers import read_file
+    from orchestrator.model.loading import create_tiny_model, train_bpe_tokenizer
+
+    texts = [r.value for p in sorted((ROOT / "examples" / "data" / "pretrain").glob("*.txt"))
+             for r in read_file(str(p))]
+    tokenizer = train_bpe_tokenizer(texts * 4, 1200)
+    model = create_tiny_model(TinyModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                              max_position_embeddings=512), tokenizer, seed=0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def http_load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    import httpx
+
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    latencies, tokens = [], []
+
+    def one(_: int) -> None:
+        start = time.perf_counter()
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        latencies.append(time.perf_counter() - start)
+        tokens.append(response.json()["usage"]["completion_tokens"])
+
+    with httpx.Client() as warm:
+        warm.post(f"{url}/v1/completions", json=body, timeout=120)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99),
+            "tokens_per_s": sum(tokens) / wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level (x concurrency/8)")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from orchestrator.config import config_from_dict
+    from orchestrator.serve.app import run_server
+    from orchestrator.serve.engine import HFEngine
+    from orchestrator.serve.protocol import GenerationParams
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    model_dir = make_model(work / "model")
+    engine = HFEngine(model_dir)
+    results: dict = {"in_process": {}, "serve": {}}
+    for max_tokens in (16, 64):
+        params = GenerationParams(max_new_tokens=max_tokens, do_sample=False)
+        ids = engine.encode(PROMPT, params)
+        engine.generate([ids], params)
+        single = []
+        for _ in range(10):
+            start = time.perf_counter()
+            out = engine.generate([ids], params)[0]
+            single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batch = engine.generate([ids] * 8, params)
+        batch_wall = time.perf_counter() - start
+        results["in_process"][max_tokens] = {
+            "p50_ms_single": 1000 * statistics.median(single),
+            "tokens_per_s_single": out.completion_tokens / statistics.median(single),
+            "tokens_per_s_batch8": sum(c.completion_tokens for c in batch) / batch_wall,
+        }
+
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"),
+             log_to_driver=False)
+    try:
+        for batching, batch_size in (("on", 8), ("off", 1)):
+            tree = {"run_name": "bench", "model": {"base": model_dir},
+                    "serve": {"model": model_dir, "port": free_port(), "max_batch_size": batch_size,
+                              "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 64,
+                              "defaults": {"max_tokens": 16}}}
+            url = run_server(config_from_dict(tree), blocking=False)
+            for max_tokens in (16, 64):
+                for concurrency in (1, 8, 32):
+                    n = max(args.requests, args.requests * concurrency // 8)
+                    results["serve"][f"batching={batching} tokens={max_tokens} c={concurrency}"] = http_load(
+                        url, concurrency, n, max_tokens)
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+    inproc64 = results["in_process"][64]
+    served_c1 = results["serve"]["batching=on tokens=64 c=1"]
+    served_c8 = results["serve"]["batching=on tokens=64 c=8"]
+    results["ratios"] = {
+        "p50_c1_64tok_serve_over_inprocess": served_c1["p50_ms"] / inproc64["p50_ms_single"],
+        "goal_p50": "<= 1.2",
+        "throughput_c8_64tok_serve_over_inprocess_batch8": served_c8["tokens_per_s"] / inproc64["tokens_per_s_batch8"],
+        "goal_throughput": ">= 0.6",
+    }
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "serve.json").write_text(json.dumps(results, indent=1))
+    print("| path | p50 ms | p99 ms | tokens/s |\n|---|---:|---:|---:|")
+    for tokens, r in results["in_process"].items():
+        print(f"| in-process, 1 request, {tokens} tok | {r['p50_ms_single']:.1f} | | {r['tokens_per_s_single']:.0f} |")
+        print(f"| in-process, batch of 8, {tokens} tok | | | {r['tokens_per_s_batch8']:.0f} |")
+    for name, r in results["serve"].items():
+        print(f"| serve {name} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['tokens_per_s']:.0f} |")
+    print(json.dumps(results["ratios"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
