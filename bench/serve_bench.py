@@ -56,12 +56,17 @@ def percentile(values: list[float], q: float) -> float:
 def http_load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
+    import threading
+
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     latencies, tokens = [], []
+    local = threading.local()  # one keep-alive connection per client thread, as real clients do
 
     def one(_: int) -> None:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=120)
         start = time.perf_counter()
-        response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        response = local.client.post(f"{url}/v1/completions", json=body)
         latencies.append(time.perf_counter() - start)
         tokens.append(response.json()["usage"]["completion_tokens"])
 

@@ -104,6 +104,7 @@ class OpenAIServer:
         model_dir = storage.download_dir(settings.model_uri, os.path.join(self._cache, "model"))
         self.engine = HFEngine(model_dir, trust_remote_code=settings.trust_remote_code)
         self._model_dir = model_dir
+        self._in_flight = 0  # non-streaming requests being answered by this replica
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         async def load_adapter(model_id: str) -> Any:  # a plain function: Serve tags it with its LRU cache
@@ -156,10 +157,15 @@ class OpenAIServer:
         return results
 
     async def _complete(self, engine: Any, prompt_ids: list[int], params: GenerationParams) -> Any:
-        # Seeded requests run alone so their seed applies to them only.
-        if params.seed is not None:
-            return (await asyncio.to_thread(engine.generate, [prompt_ids], params))[0]
-        result = await self._generate_batch((engine, prompt_ids, params))
+        self._in_flight += 1
+        try:
+            # Alone on the replica (nothing to batch with), or seeded (the seed must apply to this request
+            # only): generate at once instead of waiting batch_wait_timeout_s for company.
+            if self._in_flight == 1 or params.seed is not None or self.settings.max_batch_size == 1:
+                return (await asyncio.to_thread(engine.generate, [prompt_ids], params))[0]
+            result = await self._generate_batch((engine, prompt_ids, params))
+        finally:
+            self._in_flight -= 1
         if isinstance(result, Exception):
             raise result
         return result
@@ -270,12 +276,6 @@ def load_api_keys(cfg: ServeConfig) -> list[str]:
 
 def serve_settings(config: PipelineConfig) -> ServeSettings:
     cfg = config.serve
-    if cfg.engine == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ConfigError("serve.engine=vllm needs vLLM (GPU clusters: pip install vllm); use engine=hf") from None
-        raise ConfigError("serve.engine=vllm is not wired in this version; use engine=hf")
     d = cfg.defaults
     defaults = GenerationParams(max_new_tokens=d.max_tokens, do_sample=d.do_sample and d.temperature > 0,
                                 temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, num_beams=d.num_beams,
@@ -297,9 +297,39 @@ def serve_settings(config: PipelineConfig) -> ServeSettings:
     )
 
 
+# What the vLLM engine (ray.serve.llm) cannot honour of our API, for the docs and the startup log.
+VLLM_UNSUPPORTED = ("num_beams > 1", "no_repeat_ngram_size", "do_sample=false with temperature > 0 (use temperature 0)",
+                    "serve.api_keys_env/api_keys_file (put an auth proxy in front)", "serve.adapters from this config")
+
+
+def build_vllm_app(config: PipelineConfig) -> serve.Application:
+    """serve.engine=vllm: Ray Serve LLM's OpenAI app on vLLM (GPU clusters with vLLM installed)."""
+    try:
+        import vllm  # noqa: F401
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError:
+        raise ConfigError("serve.engine=vllm needs vLLM and a GPU (pip install vllm on the GPU image); "
+                          "use serve.engine=hf on CPU") from None
+    cfg = config.serve
+    deployment: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests}
+    if cfg.autoscaling is not None:
+        a = cfg.autoscaling
+        deployment["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                            "target_ongoing_requests": a.target_ongoing_requests}
+    log.warning("serve.engine=vllm does not support: %s", "; ".join(VLLM_UNSUPPORTED))
+    llm = LLMConfig(model_loading_config={"model_id": cfg.served_model_name or config.run_name,
+                                          "model_source": default_model_uri(config)},
+                    deployment_config=deployment,
+                    engine_kwargs={"trust_remote_code": cfg.trust_remote_code,
+                                   "tensor_parallel_size": max(1, int(cfg.num_gpus_per_replica))})
+    return build_openai_app({"llm_configs": [llm]})
+
+
 def build_app(config: PipelineConfig) -> serve.Application:
     """The bound Serve application for `config.serve`."""
     cfg = config.serve
+    if cfg.engine == "vllm":
+        return build_vllm_app(config)
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},

@@ -332,3 +332,26 @@ def test_serve_yaml_builder_builds_the_application(served):
     args = {**spec["args"], "config": str(REPO / spec["args"]["config"]),
             "overrides": f"serve.model={served['model_dir']},serve.max_batch_size=4"}
     assert isinstance(app_builder(args), Application)
+
+
+def test_concurrent_requests_are_batched_without_changing_answers(served):
+    """Eight different prompts at once (left-padded into shared batches) answer as they do one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["发烧", "头疼怎么办", "高血压患者应该注意什么饮食", "感冒", "糖尿病", "失眠多梦怎么调理", "咳嗽", "胃痛"]
+    body = lambda p: {"prompt": p, "max_tokens": 12, "temperature": 0}  # noqa: E731
+    alone = [post(served, "/v1/completions", body(p)).json()["choices"][0]["text"] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: post(served, "/v1/completions", body(p)).json(), prompts))
+    assert [r["choices"][0]["text"] for r in together] == alone
+
+
+def test_vllm_engine_is_refused_clearly_without_vllm(served):
+    from orchestrator.errors import ConfigError
+    from orchestrator.serve.app import build_app
+
+    tree = served["config"].model_dump(mode="json")
+    tree["storage"] = {}
+    tree["serve"]["engine"] = "vllm"
+    with pytest.raises(ConfigError, match="needs vLLM"):
+        build_app(config_from_dict(tree))
