@@ -136,6 +136,9 @@ class DataConfig(_Section):
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
         "all_assistant_turns", description="Stage 2: which assistant turns carry loss."
     )
+    group_by_length: bool = Field(
+        True, description="Stage 2: form micro-batches of similar length (little padding), shuffled as whole batches."
+    )
     conversations_as_documents: bool = Field(
         True, description="Stage 1: SFT sources (alpaca, multiturn, sharegpt) are flattened into plain documents."
     )

@@ -95,14 +95,22 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: torch.device) -> Iterator[dict]:
+def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: torch.device,
+             prebatched: bool) -> Iterator[dict]:
+    """This worker's micro-batches for one epoch, shuffled with `seed`.
+
+    `prebatched`: every row already is a micro-batch (length-grouped stage 2 data).
+    """
+    rows = 1 if prebatched else micro_batch_size
     for batch in shard.iter_batches(
-        batch_size=micro_batch_size,
+        batch_size=rows,
         batch_format="numpy",
         drop_last=True,
-        local_shuffle_buffer_size=max(micro_batch_size * 16, 256),
+        local_shuffle_buffer_size=max(rows * 16, 256),
         local_shuffle_seed=seed,
     ):
+        if prebatched:
+            batch = {name: list(column[0]) for name, column in batch.items()}
         yield collate(batch, pad_id, device)
 
 
@@ -286,8 +294,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine.train()
     for epoch in range(state.epoch, train_cfg.epochs):
         skip = state.micro_step_in_epoch if epoch == state.epoch else 0
-        for micro, batch in enumerate(_batches(train_shard, train_cfg.micro_batch_size,
-                                               train_cfg.seed + epoch, pad_id, device)):
+        for micro, batch in enumerate(_batches(train_shard, train_cfg.micro_batch_size, train_cfg.seed + epoch,
+                                               pad_id, device, loop_config["prebatched"])):
             if micro >= micro_per_epoch:
                 break
             if micro < skip:

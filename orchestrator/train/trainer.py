@@ -8,6 +8,13 @@ from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
+from orchestrator.data.batching import (
+    consecutive_batches,
+    group_by_length,
+    lengths_of,
+    padding_efficiency,
+    prebatch_table,
+)
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.train.loop import schedule_for, train_loop_per_worker
@@ -45,9 +52,19 @@ def fit_stage(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    train_cfg = config.stage(stage).train
-    dist = config.distributed
-    schedule = schedule_for(data.train.num_rows, dist.num_workers, train_cfg.micro_batch_size,
+    stage_cfg = config.stage(stage)
+    train_cfg, dist = stage_cfg.train, config.distributed
+    train_table, rows_per_batch = data.train, train_cfg.micro_batch_size
+    prebatched = stage == "sft" and stage_cfg.data.group_by_length
+    if prebatched:
+        # One row per length-grouped micro-batch; Ray Data shards and shuffles whole micro-batches.
+        lengths = lengths_of(data.train)
+        batches = group_by_length(lengths, train_cfg.micro_batch_size, stage_cfg.data.shuffle_seed)
+        log.info("%s: %d length-grouped micro-batches, %.1f%% real tokens (consecutive batches: %.1f%%)", stage,
+                 len(batches), 100 * padding_efficiency(lengths, batches),
+                 100 * padding_efficiency(lengths, consecutive_batches(len(lengths), train_cfg.micro_batch_size)))
+        train_table, rows_per_batch = prebatch_table(data.train, batches), 1
+    schedule = schedule_for(train_table.num_rows, dist.num_workers, rows_per_batch,
                             train_cfg.gradient_accumulation_steps, train_cfg.epochs)
     if schedule["steps_per_epoch"] == 0:
         raise DataError(
@@ -58,7 +75,7 @@ def fit_stage(
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
     data_context.print_on_execution_start = False
-    datasets = {"train": ray.data.from_arrow(data.train)}
+    datasets = {"train": ray.data.from_arrow(train_table)}
     if data.eval is not None:
         datasets["eval"] = ray.data.from_arrow(data.eval)
     storage_path, filesystem = storage.ray_storage(run_root)
@@ -73,6 +90,7 @@ def fit_stage(
             "tokenizer": tokenizer,
             "schedule": schedule,
             "has_eval": data.eval is not None,
+            "prebatched": prebatched,
             "logs_dir": logs_dir,
             "logs_into_checkpoints": storage.is_remote(run_root),
             "s3_settings": s3_settings_ref,
