@@ -320,6 +320,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = {"train_loss": counts[1].item() / max(counts[2].item(), 1),
                            "learning_rate": engine.get_lr()[0], "tokens_per_s": counts[0].item() / elapsed,
                            "epoch": epoch + 1, "step": step}
+                if device.type == "cuda":
+                    metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logs.write(step, metrics)
                 if rank == 0:
                     log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f", stage, epoch + 1,
