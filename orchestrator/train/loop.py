@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -356,3 +357,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     logs.close()
+    shutil.rmtree(cache, ignore_errors=True)  # downloaded base model / resume state

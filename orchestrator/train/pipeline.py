@@ -42,8 +42,21 @@ class TrainingFailed(OrchestratorError):
                       else "no complete checkpoint was written yet; running it again starts over")
         except Exception as exc:  # the storage may be the very thing that is down
             resume = f"the checkpoints under {stage_uri} cannot be listed right now ({exc})"
-        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}\n{resume}")
+        super().__init__(f"stage '{stage}' failed: {_root_cause(cause)}\n{resume}")
         self.stage = stage
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first worker's own error for Ray Train's worker-group failures (whose message is truncated)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure  # RayTaskError wraps the worker's exception
+        text = str(cause).strip().splitlines()
+        return f"worker {rank}: {type(cause).__name__}: {text[-1] if text else ''}"
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        return f"{type(exc).__name__}: {type(controller).__name__}: {controller}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
