@@ -65,14 +65,19 @@ def merge_adapters(base_dir: str, adapter_dirs: list[str], dtype: torch.dtype = 
         weights = f"{adapter_dir}/adapter_model.safetensors"
         try:
             with safe_open(weights, framework="pt") as handle:
-                for key in handle.keys():
-                    if key.endswith(("embed_tokens.weight", "lm_head.weight")) and handle.get_slice(key).get_shape()[0] != vocab:
-                        raise CheckpointError(
-                            f"{adapter_dir}: the adapter's {key} has {handle.get_slice(key).get_shape()[0]} rows but "
-                            f"the base model's vocabulary has {vocab}; resize the base to the adapter's tokenizer first"
-                        )
+                rows = {handle.get_slice(k).get_shape()[0] for k in handle.keys()
+                        if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
         except (OSError, SafetensorError) as exc:  # missing or corrupt safetensors
             raise CheckpointError(f"{adapter_dir}: cannot read adapter weights ({exc})") from exc
+        if len(rows) > 1 or (rows and min(rows) < vocab):
+            raise CheckpointError(
+                f"{adapter_dir}: the adapter's embedding/LM-head rows ({', '.join(map(str, sorted(rows)))}) do not "
+                f"match the base model's vocabulary of {vocab}"
+            )
+        if rows and min(rows) > vocab:  # trained on an extended vocabulary: grow the base first
+            log.info("resizing the base vocabulary %d -> %d for %s", vocab, min(rows), adapter_dir)
+            model.resize_token_embeddings(min(rows))
+            vocab = min(rows)
         try:
             wrapped = PeftModel.from_pretrained(model, adapter_dir).eval()
         except (RuntimeError, ValueError, KeyError) as exc:

@@ -249,24 +249,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
 
+    logs = MetricsLog(loop_config["logs_dir"] if rank == 0 else None, stage)
+    logs_for_checkpoint = logs if loop_config["logs_into_checkpoints"] else None
     state, resumed_from = ckpt.TrainerState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as root:
             state = _resume(engine, root, is_lora, rank)
+            if logs_for_checkpoint is not None:
+                logs.restore_from(root)
         resumed_from = checkpoint.path
     else:
         # Ray's record can miss a checkpoint that finished uploading just before a crash (or after its
         # controller died); the manifests in storage are the ground truth.
         latest = ckpt.latest_complete_checkpoint(loop_config["stage_uri"])
         if latest is not None:
-            state = _resume(engine, storage.download_dir(latest, os.path.join(cache, "resume")), is_lora, rank)
+            root = storage.download_dir(latest, os.path.join(cache, "resume"))
+            state = _resume(engine, root, is_lora, rank)
+            if logs_for_checkpoint is not None:
+                logs.restore_from(root)
             resumed_from = latest
     if resumed_from is not None:
         log.info("resumed from %s at epoch %d, step %d", resumed_from, state.epoch, state.global_step)
 
-    logs = MetricsLog(loop_config["logs_dir"] if rank == 0 else None, stage)
-    logs_for_checkpoint = logs if loop_config["logs_into_checkpoints"] else None
     extra = {"stage": stage, "method": train_cfg.method, "zero_stage": dist_cfg.zero_stage, "world_size": world,
              "precision": precision, "base_model": loop_config["base_model"], "deepspeed_config": ds_config}
     if rank == 0:

@@ -40,6 +40,20 @@ class MetricsLog:
                     self._writer.add_scalar(f"{self.stage}/{key}", value, step)
             self._writer.flush()
 
+    def restore_from(self, checkpoint_dir: str) -> None:
+        """Continue the logs a checkpoint carries (a resumed run on remote storage starts from them)."""
+        source = os.path.join(checkpoint_dir, "logs")
+        if self.logs_dir is None or not os.path.isdir(source):
+            return
+        if self._writer is not None:
+            self._writer.close()
+        shutil.rmtree(self.logs_dir, ignore_errors=True)
+        shutil.copytree(source, self.logs_dir)
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(self.logs_dir, "tensorboard"))
+
     def copy_into(self, checkpoint_dir: str) -> None:
         """Put a copy of the logs into a checkpoint, so they travel with it to remote storage."""
         if self.logs_dir is not None and os.path.isdir(self.logs_dir):

@@ -11,10 +11,12 @@ Layout under `<checkpoint.storage_path>/<run_name>/`:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +24,7 @@ from orchestrator import storage
 from orchestrator.config import PipelineConfig, s3_settings
 from orchestrator.errors import OrchestratorError
 from orchestrator.train.checkpoint import latest_complete_checkpoint
+from orchestrator.train.metrics_log import METRICS_FILE, read_metrics
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.export import export_model
@@ -107,14 +110,31 @@ def run_root(config: PipelineConfig) -> str:
 
 
 def logs_dir(config: PipelineConfig, stage: str) -> str:
+    """Where rank 0 writes a stage's metrics.jsonl and TensorBoard events.
+
+    Local storage: `<run>/logs/<stage>`. Remote storage: a fresh local scratch directory per
+    process; the logs travel inside every checkpoint, and a resumed run restores them from the
+    checkpoint it resumes from (see `read_stage_metrics`).
+    """
     root = run_root(config)
     if storage.is_remote(root):
-        # Logs are written locally by rank 0 and copied into every checkpoint, which travels to storage.
-        import hashlib
-
-        key = hashlib.sha1(root.encode()).hexdigest()[:12]
-        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{key}", stage)
+        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{_SCRATCH_ID}", stage)
     return storage.join(root, "logs", stage)
+
+
+_SCRATCH_ID = uuid.uuid4().hex[:12]
+
+
+def read_stage_metrics(config: PipelineConfig, stage: str) -> list[dict[str, Any]]:
+    """All metric records of a stage: from the local logs, or from its latest complete checkpoint (remote)."""
+    root = run_root(config)
+    if not storage.is_remote(root):
+        return read_metrics(logs_dir(config, stage))
+    latest = latest_complete_checkpoint(storage.join(root, stage))
+    if latest is None:
+        return []
+    text = storage.read_bytes(storage.join(latest, "logs", METRICS_FILE)).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
