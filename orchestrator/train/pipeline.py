@@ -11,6 +11,7 @@ Layout under `<checkpoint.storage_path>/<run_name>/`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -118,7 +119,9 @@ def logs_dir(config: PipelineConfig, stage: str) -> str:
     """
     root = run_root(config)
     if storage.is_remote(root):
-        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{_SCRATCH_ID}", stage)
+        run_key = hashlib.sha1(root.encode()).hexdigest()[:10]
+        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{run_key}-{_SCRATCH_ID}",
+                            stage)
     return storage.join(root, "logs", stage)
 
 

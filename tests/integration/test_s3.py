@@ -20,8 +20,7 @@ from orchestrator.config import DataConfig, DataSourceConfig, config_from_dict
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.train.checkpoint import latest_complete_checkpoint, list_checkpoints
-from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.pipeline import logs_dir, run_stage
+from orchestrator.train.pipeline import read_stage_metrics, run_stage
 from s3_support import ACCESS_KEY, REGION, SECRET_KEY, FaultyProxy
 
 pytestmark = pytest.mark.integration
@@ -63,7 +62,7 @@ def upload_legal_data(s3_server, shared: Path) -> str:
 
 
 def final_eval_loss(config) -> float:
-    records = read_metrics(logs_dir(config, "pretrain"))
+    records = read_stage_metrics(config, "pretrain")
     return [r["eval_loss"] for r in records if "eval_loss" in r][-1]
 
 
@@ -176,7 +175,7 @@ def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_serve
         stop.set()
         killer.join(timeout=10)
     assert killed, "no worker was killed"
-    records = read_metrics(logs_dir(config, "pretrain"))
+    records = read_stage_metrics(config, "pretrain")
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 4
     steps_after = [r["step"] for r in records[records.index(resumed[0]):] if "train_loss" in r]
@@ -212,5 +211,5 @@ def test_interrupted_checkpoint_upload_is_never_taken_as_latest(ray_cluster, s3_
     tree["storage"]["s3"]["endpoint_url"] = s3_server.endpoint
     config = config_from_dict(tree)
     run_stage(config, "pretrain")
-    resumed = [r for r in read_metrics(logs_dir(config, "pretrain")) if r.get("event") == "resumed"]
+    resumed = [r for r in read_stage_metrics(config, "pretrain") if r.get("event") == "resumed"]
     assert resumed and resumed[-1]["step"] == latest_step
