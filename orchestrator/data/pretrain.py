@@ -15,7 +15,7 @@ import numpy as np
 from orchestrator.data.formats import Document
 from orchestrator.errors import DataError
 
-ENCODE_BATCH = 256
+ENCODE_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,27 @@ class PackedBlocks:
     dropped_tokens: int
 
 
-def tokenize_documents(documents: Sequence[Document], tokenizer: Any) -> list[list[int]]:
-    """Token ids of each document (no special tokens), in batches through the fast tokenizer."""
+def encode_texts(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each text, no special tokens added.
+
+    Fast tokenizers go straight to the Rust `encode_batch_fast` (the same ids as `tokenizer(...)`
+    without transformers' per-text Python bookkeeping, ~2x faster on large corpora); others
+    through the ordinary call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     ids: list[list[int]] = []
-    for start in range(0, len(documents), ENCODE_BATCH):
-        batch = [d.text for d in documents[start : start + ENCODE_BATCH]]
-        ids.extend(tokenizer(batch, add_special_tokens=False)["input_ids"])
+    for start in range(0, len(texts), ENCODE_BATCH):
+        batch = list(texts[start : start + ENCODE_BATCH])
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            ids.extend(encoding.ids for encoding in backend.encode_batch_fast(batch, add_special_tokens=False))
+        else:
+            ids.extend(tokenizer(batch, add_special_tokens=False)["input_ids"])
     return ids
+
+
+def tokenize_documents(documents: Sequence[Document], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document (no special tokens)."""
+    return encode_texts([d.text for d in documents], tokenizer)
 
 
 def pack_token_lists(token_lists: Iterable[Sequence[int]], eos_id: int, block_size: int) -> PackedBlocks:

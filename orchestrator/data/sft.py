@@ -14,10 +14,10 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from orchestrator.data.formats import Conversation
+from orchestrator.data.pretrain import encode_texts
 from orchestrator.data.templates import ChatTemplate, RenderedConversation
 
 IGNORE_INDEX = -100
-ENCODE_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,6 @@ def build_example(
     return TokenizedConversation(np.asarray(input_ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
 
 
-def _encode_all(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    ids: list[list[int]] = []
-    for start in range(0, len(texts), ENCODE_BATCH):
-        ids.extend(tokenizer(texts[start : start + ENCODE_BATCH], add_special_tokens=False)["input_ids"])
-    return ids
-
-
 def tokenize_conversations(
     conversations: Sequence[Conversation],
     tokenizer: Any,
@@ -93,7 +86,7 @@ def tokenize_conversations(
         texts.append(r.prefix)
         for prompt, answer in r.turns:
             texts.extend((prompt, answer))
-    ids = iter(_encode_all(texts, tokenizer))
+    ids = iter(encode_texts(texts, tokenizer))
     examples, dropped = [], 0
     for r in rendered:
         prefix = next(ids)
