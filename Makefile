@@ -31,3 +31,9 @@ test-integration: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Benchmark suite (~5-8 min on 2 CPUs): every measure a ratio against a baseline run in the same script;
+# writes bench/results/latest.md and latest.json.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py

@@ -39,13 +39,15 @@ def consecutive_batches(n: int, micro_batch_size: int) -> list[list[int]]:
 
 
 def prebatch_table(table: pa.Table, batches: Sequence[Sequence[int]]) -> pa.Table:
-    """One row per micro-batch: every column becomes a list of the batch's rows (list<list<int32>>)."""
-    columns = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        columns[name] = pa.array([[values[i] for i in batch] for batch in batches],
-                                 type=pa.list_(pa.list_(pa.int32())))
-    return pa.table(columns)
+    """One row per micro-batch: every column becomes a list of the batch's rows (list<list<int32>>).
+
+    Done in Arrow (one `take` and new offsets), so it costs about as much as the table itself.
+    """
+    order = pa.array([i for batch in batches for i in batch], type=pa.int64())
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(b) for b in batches])]).astype(np.int32))
+    taken = table.take(order)
+    return pa.table({name: pa.ListArray.from_arrays(offsets, taken.column(name).combine_chunks())
+                     for name in table.column_names})
 
 
 def lengths_of(table: pa.Table) -> list[int]:

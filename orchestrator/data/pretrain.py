@@ -35,10 +35,14 @@ def encode_texts(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     through the ordinary call.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    # The Rust call applies truncation/padding saved in tokenizer.json, which tokenizer(...) turns off:
+    # take the fast path only when neither is set.
+    fast = (backend is not None and hasattr(backend, "encode_batch_fast")
+            and backend.truncation is None and backend.padding is None)
     ids: list[list[int]] = []
     for start in range(0, len(texts), ENCODE_BATCH):
         batch = list(texts[start : start + ENCODE_BATCH])
-        if backend is not None and hasattr(backend, "encode_batch_fast"):
+        if fast:
             ids.extend(encoding.ids for encoding in backend.encode_batch_fast(batch, add_special_tokens=False))
         else:
             ids.extend(tokenizer(batch, add_special_tokens=False)["input_ids"])

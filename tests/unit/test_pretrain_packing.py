@@ -99,3 +99,22 @@ def test_real_statutes_pack_without_padding(shared_data, minimind_tokenizer):
     assert int((packed.blocks == tok.eos_token_id).sum()) == 13 - (1 if packed.dropped_tokens else 0)
     # blocks are the token stream in order
     assert packed.blocks[0].tolist() == ids[0][:block_size]
+
+
+def test_encode_texts_ignores_truncation_and_padding_saved_in_tokenizer_json(minimind_tokenizer, tmp_path):
+    """A tokenizer.json with truncation/padding enabled must not cut or pad our documents."""
+    import json
+
+    from orchestrator.data.pretrain import encode_texts
+    from orchestrator.model.loading import load_tokenizer
+
+    minimind_tokenizer.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    texts = ["短", "发热是指体温升高超过正常范围，常见于感染、炎症等多种疾病，需要结合症状综合判断。" * 3]
+    expected = minimind_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encode_texts(texts, load_tokenizer(str(tmp_path))) == expected
+    assert encode_texts(texts, minimind_tokenizer) == expected
