@@ -300,14 +300,9 @@ def list_files(uri: str) -> dict[str, int]:
         except Exception as exc:  # botocore raises several unrelated types; name the URI in one error
             raise StorageError(f"cannot list {uri}: {exc}") from exc
         return found
-    root = Path(local_path(uri)) if not is_remote(uri) else None
-    if root is None:
-        fs, path = resolve(uri)
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
-    if not root.is_dir():
-        return {}
-    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -15,7 +15,7 @@ from orchestrator import storage
 from orchestrator.errors import CheckpointError
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.model.peft import merge_adapter
-from orchestrator.train.checkpoint import MANIFEST, MODEL_DIR, listing_problem
+from orchestrator.train.checkpoint import MODEL_DIR, check_stored_checkpoint
 
 log = logging.getLogger(__name__)
 LINEAGE = "lineage.json"
@@ -23,11 +23,7 @@ LINEAGE = "lineage.json"
 
 def fetch_checkpoint_model(checkpoint_uri: str, local_dir: str) -> tuple[str, dict[str, Any]]:
     """Check a checkpoint is complete (manifest vs. listing) and fetch only its `model/` directory."""
-    listing = storage.list_files(checkpoint_uri)
-    if MANIFEST not in listing:
-        raise CheckpointError(f"{checkpoint_uri}: incomplete checkpoint (no {MANIFEST}; it is written last)")
-    manifest = json.loads(storage.read_bytes(storage.join(checkpoint_uri, MANIFEST)))
-    problem = listing_problem(manifest, listing)
+    manifest, problem = check_stored_checkpoint(checkpoint_uri)
     if problem:
         raise CheckpointError(f"{checkpoint_uri}: incomplete checkpoint: {problem}")
     model_uri = storage.join(checkpoint_uri, MODEL_DIR)

@@ -311,11 +311,8 @@ def build_vllm_app(config: PipelineConfig) -> serve.Application:
         raise ConfigError("serve.engine=vllm needs vLLM and a GPU (pip install vllm on the GPU image); "
                           "use serve.engine=hf on CPU") from None
     cfg = config.serve
-    deployment: dict[str, Any] = {"max_ongoing_requests": cfg.max_ongoing_requests}
-    if cfg.autoscaling is not None:
-        a = cfg.autoscaling
-        deployment["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                            "target_ongoing_requests": a.target_ongoing_requests}
+    deployment = _replica_options(cfg)
+    deployment.pop("ray_actor_options")  # ray.serve.llm places vLLM's GPUs itself
     log.warning("serve.engine=vllm does not support: %s", "; ".join(VLLM_UNSUPPORTED))
     llm = LLMConfig(model_loading_config={"model_id": cfg.served_model_name or config.run_name,
                                           "model_source": default_model_uri(config)},
@@ -330,21 +327,20 @@ def build_app(config: PipelineConfig) -> serve.Application:
     cfg = config.serve
     if cfg.engine == "vllm":
         return build_vllm_app(config)
+    return OpenAIServer.options(**_replica_options(cfg)).bind(serve_settings(config))
+
+
+def _replica_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Deployment options from `serve`: replicas (fixed or autoscaled), concurrency, resources."""
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
     }
     if cfg.autoscaling is not None:
-        a = cfg.autoscaling
-        options["autoscaling_config"] = {
-            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
-            "downscale_delay_s": a.downscale_delay_s, "metrics_interval_s": a.metrics_interval_s,
-            "look_back_period_s": a.look_back_period_s,
-        }
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
-    return OpenAIServer.options(**options).bind(serve_settings(config))
+    return options
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

@@ -128,22 +128,30 @@ def list_checkpoints(stage_uri: str) -> list[CheckpointInfo]:
     infos = []
     for name in sorted(groups):
         files, uri = groups[name], storage.join(stage_uri, name)
-        if MANIFEST not in files:
-            infos.append(CheckpointInfo(uri, name, None, None, None, sum(files.values()), False,
-                                        f"no {MANIFEST} (written last): the checkpoint was not finished"))
-            continue
-        try:
-            manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
-        except (ValueError, OSError) as exc:
-            infos.append(CheckpointInfo(uri, name, None, None, None, sum(files.values()), False,
-                                        f"{MANIFEST} unreadable: {exc}"))
-            continue
-        state = manifest.get("trainer_state", {})
-        problem = listing_problem(manifest, files)
+        manifest, problem = check_stored_checkpoint(uri, files)
+        state = (manifest or {}).get("trainer_state", {})
         infos.append(CheckpointInfo(uri, name, state.get("global_step"), state.get("epoch"),
                                     state.get("metrics", {}).get("eval_loss"), sum(files.values()),
                                     problem is None, problem))
     return infos
+
+
+def check_stored_checkpoint(uri: str, files: Optional[dict[str, int]] = None
+                            ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(manifest, problem) of a checkpoint in storage; problem is None when it is complete.
+
+    `files` is its listing (relative path -> size), fetched when not given.
+    """
+    from orchestrator import storage
+
+    files = storage.list_files(uri) if files is None else files
+    if MANIFEST not in files:
+        return None, f"no {MANIFEST} (written last): the checkpoint was not finished"
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    except (ValueError, OSError) as exc:
+        return None, f"{MANIFEST} unreadable: {exc}"
+    return manifest, listing_problem(manifest, files)
 
 
 def latest_complete_checkpoint(stage_uri: str) -> Optional[str]:
