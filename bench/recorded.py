@@ -127,9 +127,10 @@ def gpu_rows() -> list[Row]:
     rows = []
     for r in result.get("rows", []):
         rows.append(Row(
-            measure=f"GPU {result.get('device', '?')}, {r['method']}: tokens/s and MFU; peak memory, planner vs "
-                    f"measured (gpu_check.sh, recorded {_mtime(path)})",
-            ours=f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%; planned {r['planned_gib']:.1f} GiB",
+            measure=f"GPU {result.get('device', '?')}, ZeRO-{r.get('zero_stage', 0)} {r['method']}: tokens/s and MFU; "
+                    f"peak memory, planner vs measured (gpu_check.sh, recorded {_mtime(path)})",
+            ours=f"{r['tokens_per_s']:,.0f} tok/s, MFU(6N) {100 * r.get('mfu_6n', r['mfu']):.1f}% of a measured "
+                 f"{result.get('peak_tflops', 0):.0f} TFLOP/s; planned {r['planned_gib']:.1f} GiB",
             baseline=f"measured {r['max_memory_allocated_gib']:.1f} GiB",
             ratio=r["planned_gib"] / r["max_memory_allocated_gib"] if r["max_memory_allocated_gib"] else None,
             goal="", details=r,

@@ -15,15 +15,21 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import ConfigError
 
 DEFAULT_LR_FULL = 2e-5
 DEFAULT_LR_LORA = 2e-4
+DEFAULT_LR_PROMPT = 1e-2
+FULL_WEIGHT_METHODS = ("full", "freeze")  # save the whole model
+ADAPTER_METHODS = ("lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")  # save a peft adapter
+MERGEABLE_METHODS = ("lora", "adalora")  # adapters that fold into the weights
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # virtual tokens: served as adapters
 
 
 class _Section(BaseModel):
@@ -160,17 +166,64 @@ class LoraConfig(_Section):
     )
 
 
+class AdaLoraSettings(_Section):
+    """AdaLoRA (peft): LoRA whose rank budget is reallocated during training by importance."""
+
+    init_r: int = Field(12, gt=0, description="Starting rank of every adapted matrix.")
+    target_r: int = Field(8, gt=0, description="Average rank left after the budget schedule.")
+    tinit: int = Field(0, ge=0, description="Optimizer steps of warm-up before ranks are pruned.")
+    tfinal: int = Field(0, ge=0, description="Final optimizer steps with the rank pattern fixed.")
+    delta_t: int = Field(1, gt=0, description="Optimizer steps between two budget reallocations.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance (sensitivity) estimate.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance uncertainty.")
+    orth_reg_weight: float = Field(0.5, gt=0, description="Weight of the orthogonal regularisation added to the loss.")
+
+
+class PromptLearningConfig(_Section):
+    """prompt_tuning, p_tuning and prefix_tuning (peft): trained virtual tokens, base weights frozen."""
+
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens prepended to every input.")
+    init_text: Optional[str] = Field(
+        None, description="prompt_tuning: initialise the virtual tokens from this text's embeddings (else random)."
+    )
+    encoder_hidden_size: int = Field(128, gt=0, description="p_tuning: hidden size of the prompt encoder MLP.")
+    prefix_projection: bool = Field(False, description="prefix_tuning: reparameterise the prefix through an MLP.")
+
+
+class FreezeConfig(_Section):
+    """Freeze-tuning: train only the last N decoder layers (and any extra modules), the rest stays frozen."""
+
+    trainable_layers: int = Field(2, gt=0, description="Number of last decoder layers that are trained.")
+    extra_modules: list[str] = Field(
+        default_factory=list, description="Other modules trained too, by name prefix, e.g. [lm_head, model.norm]."
+    )
+
+
 class TrainConfig(_Section):
     """Optimisation settings of one stage."""
 
-    method: Literal["full", "lora"] = Field("lora", description="full fine-tuning or a LoRA adapter.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
+    method: Literal["full", "freeze", "lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning"] = Field(
+        "lora",
+        description="full: every weight; freeze: the last N layers; lora / adalora: low-rank adapters (merged on "
+        "export); prompt_tuning / p_tuning / prefix_tuning: trained virtual tokens (served as adapters).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (lora; target modules for adalora).")
+    adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings, description="AdaLoRA rank schedule (adalora).")
+    prompt: PromptLearningConfig = Field(
+        default_factory=PromptLearningConfig, description="Virtual tokens (prompt_tuning, p_tuning, prefix_tuning)."
+    )
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Which layers train (method: freeze).")
     learning_rate: Optional[float] = Field(
-        None, gt=0, description=f"Peak learning rate. Default: {DEFAULT_LR_FULL} for full, {DEFAULT_LR_LORA} for LoRA."
+        None, gt=0, description=f"Peak learning rate. Default: {DEFAULT_LR_FULL} for full and freeze, "
+        f"{DEFAULT_LR_LORA} for lora and adalora, {DEFAULT_LR_PROMPT} for the prompt methods."
     )
     epochs: int = Field(1, gt=0, description="Passes over the training data.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per worker per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="Examples per optimizer step over all workers. When set, gradient_accumulation_steps "
+        "is derived: global / (micro_batch_size x workers), which must divide exactly.",
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
     schedule: Literal["cosine", "linear", "constant_with_warmup"] = Field(
@@ -186,6 +239,11 @@ class TrainConfig(_Section):
     )
     log_every_n_steps: int = Field(10, gt=0, description="Optimizer steps between progress lines.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (DeepSpeed's engine.compile).")
+    torch_compile_backend: str = Field(
+        "inductor", description="torch.compile backend: inductor (fused kernels; compiles for minutes on CPU), "
+        "aot_eager (graph capture only, fast to compile), or any registered backend."
+    )
     fail_at_step: Optional[int] = Field(
         None, ge=1, description="Testing aid: raise after this optimizer step (to exercise resume). Never in production."
     )
@@ -194,7 +252,22 @@ class TrainConfig(_Section):
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return DEFAULT_LR_FULL if self.method == "full" else DEFAULT_LR_LORA
+        if self.method in FULL_WEIGHT_METHODS:
+            return DEFAULT_LR_FULL
+        return DEFAULT_LR_PROMPT if self.method in PROMPT_METHODS else DEFAULT_LR_LORA
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step: stated, or derived from global_batch_size (which must divide)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x {world_size} workers = {per_step}; use a multiple of {per_step} "
+                f"(e.g. {max(per_step, self.global_batch_size // per_step * per_step)})"
+            )
+        return self.global_batch_size // per_step
 
 
 class StageConfig(_Section):
@@ -216,6 +289,18 @@ class DistributedConfig(_Section):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP), 1, 2 or 3.")
     offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer states in CPU memory.")
     offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory.")
+    offload_device: Literal["cpu", "nvme"] = Field("cpu", description="Where offloaded states live.")
+    nvme_path: Optional[str] = Field(None, description="Local NVMe directory for offload_device: nvme.")
+    overlap_comm: Optional[bool] = Field(
+        None, description="ZeRO 2/3: overlap gradient reduction with backward. Default: on with GPUs, off on CPU."
+    )
+    reduce_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO 2/3: elements per gradient reduction bucket.")
+    allgather_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO 2: elements per parameter all-gather.")
+    deepspeed_config: Optional[str | dict[str, Any]] = Field(
+        None, description="DeepSpeed JSON (file path or URI, or an inline mapping) whose keys override the "
+        "generated config (deep merge; nested keys replace one by one). The merged config is logged and saved "
+        "with every checkpoint.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train attempts (-1 = unlimited).")
 
 
@@ -226,6 +311,10 @@ class CheckpointConfig(_Section):
     every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps.")
     at_epoch_end: bool = Field(True, description="Checkpoint at the end of every epoch.")
     keep: Optional[int] = Field(3, gt=0, description="Checkpoints kept per stage (newest); empty = all.")
+    on_world_size_change: Literal["reload_weights", "fail"] = Field(
+        "reload_weights", description="Resuming with a different number of workers: reload the checkpoint's "
+        "weights with a fresh optimizer (a warning is logged), or fail.",
+    )
 
 
 class S3Config(_Section):
@@ -251,8 +340,125 @@ class StorageConfig(_Section):
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings.")
 
 
+class EvalGenerationConfig(_Section):
+    """Generation parameters of the post-training evaluation (Hugging Face semantics; greedy by default)."""
+
+    max_tokens: int = Field(128, gt=0, description="New tokens per answer.")
+    do_sample: bool = Field(False, description="Sample (true) or decode greedily (false, reproducible).")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling, 0 = off (do_sample only).")
+    num_beams: int = Field(1, ge=1, le=8, description="Beam search width (1 = off).")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1.0 = off; e.g. 1.3 against repetition.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (the answer is cut before them).")
+    seed: Optional[int] = Field(0, description="Seed set before each generation batch (do_sample only).")
+
+
+class QASetConfig(_Section):
+    """A question/answer set scored on generated answers (character F1, ROUGE-L, exact match)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report.")
+    path: str = Field(..., description="File, directory, glob or URI (JSON, JSONL or Parquet).")
+    format: Literal["auto", "qa", "clinical_cases", "alpaca", "multiturn", "sharegpt"] = Field(
+        "auto",
+        description="qa: {question, answer}; clinical_cases: {description, QA_pairs: [{question, answer}]}, one "
+        "item per pair, asked with the case description; alpaca / multiturn / sharegpt: the last assistant turn is "
+        "the reference, earlier turns are the prompt. auto: guessed from the fields of each record.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical field names to the names in your records, e.g. {question: 问, answer: 答}. "
+        "Canonical names: question, answer, description, qa_pairs, and those of the training formats.",
+    )
+    max_records: Optional[int] = Field(None, gt=0, description="Evaluate at most this many questions (first N).")
+
+
+class MultipleChoiceSetConfig(_Section):
+    """A multiple-choice set scored by the log-likelihood of each option (the highest one is the model's pick)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report.")
+    path: str = Field(..., description="CSV, JSON or JSONL file, directory, glob or URI.")
+    question_field: str = Field("question", description="Column holding the question.")
+    option_fields: list[str] = Field(
+        default_factory=lambda: ["A", "B", "C", "D"],
+        description="Columns holding the options, in order; they are labelled A, B, C, ... in that order.",
+    )
+    options_field: Optional[str] = Field(
+        None, description="Instead of option_fields: one field holding a list of options (labelled A, B, ...) or a "
+        "{label: option} mapping (JSON sets).",
+    )
+    answer_field: str = Field("answer", description="Column holding the correct option's label (e.g. B).")
+    scoring: Literal["letter", "option_text"] = Field(
+        "letter",
+        description="letter: log-likelihood of the option's label after the question with all options listed; "
+        "option_text: log-likelihood per token of the option's text after the question.",
+    )
+    instruction: Optional[str] = Field(
+        None, description="A line put before every question, e.g. '以下是单项选择题，请直接给出正确答案的选项。'"
+    )
+    max_records: Optional[int] = Field(None, gt=0, description="Evaluate at most this many questions (first N).")
+
+    @model_validator(mode="after")
+    def _enough_options(self) -> "MultipleChoiceSetConfig":
+        if self.options_field is None and len(self.option_fields) < 2:
+            raise ValueError("option_fields: list at least two option columns (or set options_field)")
+        return self
+
+
+DEFAULT_REFUSAL_PATTERNS = [
+    r"不知道", r"不清楚", r"不确定", r"无法(回答|确定|提供|判断|给出)", r"不能(回答|确定|提供)",
+    r"没有(相关|足够|可靠)的?(信息|资料|数据|证据)", r"(抱歉|对不起)",
+    r"\bI (do not|don't) know\b", r"\b(cannot|can't|unable to) (answer|say|determine|provide)\b",
+    r"\bnot sure\b", r"\bno (reliable )?information\b",
+]
+
+
+class HonestyConfig(_Section):
+    """Questions whose answers are not in the training data; the model should decline them."""
+
+    questions: list[str] = Field(default_factory=list, description="Probe questions, inline.")
+    path: Optional[str] = Field(
+        None, description="More probes: a .txt file (one question a line) or JSON/JSONL records (see `question_field`)."
+    )
+    question_field: str = Field("question", description="Field holding the question in JSON/JSONL probe files.")
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+        description="Regular expressions (searched, case-insensitive); an answer matching any of them is a "
+        "refusal. The default lists common Chinese and English ways of declining.",
+    )
+    max_records: Optional[int] = Field(None, gt=0, description="Use at most this many probes (first N).")
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "HonestyConfig":
+        if not self.questions and self.path is None:
+            raise ValueError("no probes: list `questions` or set `path`")
+        if not self.refusal_patterns:
+            raise ValueError("refusal_patterns: list at least one regular expression")
+        for i, pattern in enumerate(self.refusal_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"refusal_patterns[{i}] {pattern!r} is not a valid regular expression: {exc}")
+        return self
+
+
+class PerplexityConfig(_Section):
+    """Perplexity on held-out documents."""
+
+    sources: list[DataSourceConfig] = Field(
+        default_factory=list, description="Documents to score; empty = the pretrain stage's held-out documents "
+        "(its eval_sources, or the same eval_split the stage trained with).",
+    )
+    block_size: int = Field(
+        512, ge=8, description="Tokens per scored window; longer documents are scored in consecutive windows "
+        "(capped at the model's context length).",
+    )
+    max_documents: Optional[int] = Field(None, gt=0, description="Score at most this many documents.")
+
+
 class EvalConfig(_Section):
-    """Evaluation during training."""
+    """Evaluation during training, and of each stage's final model after training (see orchestrator.evaluation)."""
 
     at_start: bool = Field(True, description="Also evaluate before the first step (the baseline in the logs).")
     max_batches: Optional[int] = Field(None, gt=0, description="Cap on evaluation batches per epoch.")
@@ -261,6 +467,32 @@ class EvalConfig(_Section):
         default_factory=list, description="Prompts answered with the final model of the pipeline (smoke check)."
     )
     max_new_tokens: int = Field(48, gt=0, description="Tokens generated per prompt.")
+    after_training: bool = Field(
+        False, description="After the pipeline's stages, evaluate the base model and every stage's final model on "
+        "the sets below and write the report (Markdown, JSON, loss plots) to <storage_path>/<run_name>/eval/.",
+    )
+    perplexity: Optional[PerplexityConfig] = Field(None, description="Perplexity on held-out documents.")
+    qa: list[QASetConfig] = Field(default_factory=list, description="Question/answer sets (generated answers).")
+    multiple_choice: list[MultipleChoiceSetConfig] = Field(
+        default_factory=list, description="Multiple-choice sets (option log-likelihoods)."
+    )
+    honesty: Optional[HonestyConfig] = Field(None, description="Unanswerable probes the model should decline.")
+    generation: EvalGenerationConfig = Field(
+        default_factory=EvalGenerationConfig, description="Generation parameters of QA and honesty answers."
+    )
+    samples: int = Field(3, ge=0, description="Generated answers per set shown side by side in the report.")
+    replicas: int = Field(1, ge=1, description="Model replicas scoring in parallel (Ray Data actors).")
+    num_cpus_per_replica: float = Field(1, gt=0, description="CPUs per replica (also its torch threads).")
+    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs per replica.")
+    batch_size: int = Field(8, ge=1, description="Requests per model call (generation batch, Ray Data batch).")
+
+    @model_validator(mode="after")
+    def _unique_set_names(self) -> "EvalConfig":
+        names = [s.name for s in self.qa] + [s.name for s in self.multiple_choice]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"qa / multiple_choice: set names must be unique; repeated: {', '.join(repeated)}")
+        return self
 
 
 class GenerationDefaults(_Section):
@@ -350,6 +582,209 @@ class PlanConfig(_Section):
     )
 
 
+class SearchDimension(_Section):
+    """The values one hyperparameter takes in a sweep: a `loguniform` or `uniform` range, a whole-number
+    `int` range (both ends included), or a `choice` of listed values. Subclasses fix the domain."""
+
+    distribution: Optional[Literal["loguniform", "uniform", "int", "choice"]] = Field(
+        None, description="loguniform | uniform (real numbers in [low, high]), int (whole numbers in [low, high]), "
+        "choice (one of `values`). Default: choice when `values` is given."
+    )
+    low: Optional[int | float] = Field(None, description="Lower end of the range.")
+    high: Optional[int | float] = Field(None, description="Upper end of the range.")
+    values: Optional[list[int | float]] = Field(None, description="The candidates of a choice.")
+
+    integer: ClassVar[bool] = False  # whole numbers only (int or choice)
+    minimum: ClassVar[float] = 0.0
+    minimum_included: ClassVar[bool] = False
+    below: ClassVar[Optional[float]] = None  # exclusive upper limit of the domain
+
+    @classmethod
+    def _outside_domain(cls, value: float) -> Optional[str]:
+        if cls.integer and not float(value).is_integer():
+            return "must be a whole number"
+        if value < cls.minimum or (value == cls.minimum and not cls.minimum_included):
+            return f"must be {'>=' if cls.minimum_included else '>'} {cls.minimum:g}"
+        if cls.below is not None and value >= cls.below:
+            return f"must be < {cls.below:g}"
+        return None
+
+    @field_validator("low", "high")
+    @classmethod
+    def _bound_in_domain(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and (problem := cls._outside_domain(value)):
+            raise PydanticCustomError("search_domain", problem)
+        return int(value) if value is not None and cls.integer else value
+
+    @field_validator("values")
+    @classmethod
+    def _values_in_domain(cls, values: Optional[list[float]]) -> Optional[list[float]]:
+        if values is None:
+            return None
+        if not values:
+            raise PydanticCustomError("search_domain", "must list at least one value")
+        for value in values:
+            if problem := cls._outside_domain(value):
+                raise PydanticCustomError("search_domain", "every value {problem}; {value} does not",
+                                          {"problem": problem, "value": value})
+        return [int(v) for v in values] if cls.integer else values
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SearchDimension":
+        if self.distribution is None:
+            if self.values is None:
+                raise PydanticCustomError("search_space", "set `distribution` (loguniform, uniform, int) with "
+                                          "`low` and `high`, or list `values`")
+            self.distribution = "choice"
+        kinds = ("int", "choice") if self.integer else ("loguniform", "uniform", "choice")
+        if self.distribution not in kinds:
+            raise PydanticCustomError("search_space", "distribution {got} does not fit this parameter; use one of "
+                                      "{allowed}", {"got": self.distribution, "allowed": ", ".join(kinds)})
+        if self.distribution == "choice":
+            if self.values is None or self.low is not None or self.high is not None:
+                raise PydanticCustomError("search_space", "a choice lists `values` (and no low/high)")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise PydanticCustomError("search_space", "a {kind} range needs `low` and `high` (and no values)",
+                                      {"kind": self.distribution})
+        if self.low > self.high or (self.low == self.high and not self.integer):
+            raise PydanticCustomError("search_space", "low ({low}) must be below high ({high})",
+                                      {"low": self.low, "high": self.high})
+        if self.distribution == "loguniform" and self.low <= 0:
+            raise PydanticCustomError("search_space", "a loguniform range needs low > 0 (got {low})", {"low": self.low})
+        return self
+
+
+class PositiveDimension(SearchDimension):
+    """A range of numbers > 0."""
+
+
+class FractionDimension(SearchDimension):
+    """A range of shares in [0, 1)."""
+
+    minimum_included: ClassVar[bool] = True
+    below: ClassVar[Optional[float]] = 1.0
+
+
+class NonNegativeDimension(SearchDimension):
+    """A range of numbers >= 0."""
+
+    minimum_included: ClassVar[bool] = True
+
+
+class CountDimension(SearchDimension):
+    """A range of whole numbers >= 1."""
+
+    integer: ClassVar[bool] = True
+    minimum: ClassVar[float] = 1.0
+    minimum_included: ClassVar[bool] = True
+
+
+class NonNegativeCountDimension(SearchDimension):
+    """A range of whole numbers >= 0."""
+
+    integer: ClassVar[bool] = True
+    minimum_included: ClassVar[bool] = True
+
+
+class SearchSpaceConfig(_Section):
+    """What a sweep varies; each parameter is a key of the swept stage's `train` section (left out = fixed)."""
+
+    learning_rate: Optional[PositiveDimension] = Field(None, description="train.learning_rate (usually loguniform).")
+    epochs: Optional[CountDimension] = Field(None, description="train.epochs (int range or choice).")
+    lora_r: Optional[CountDimension] = Field(None, description="train.lora.r (method lora).")
+    lora_alpha: Optional[CountDimension] = Field(None, description="train.lora.alpha (method lora).")
+    warmup_ratio: Optional[FractionDimension] = Field(None, description="train.warmup_ratio.")
+    warmup_steps: Optional[NonNegativeCountDimension] = Field(None, description="train.warmup_steps.")
+    micro_batch_size: Optional[CountDimension] = Field(None, description="train.micro_batch_size.")
+    gradient_accumulation_steps: Optional[CountDimension] = Field(
+        None, description="train.gradient_accumulation_steps."
+    )
+    weight_decay: Optional[NonNegativeDimension] = Field(None, description="train.weight_decay.")
+
+    def dimensions(self) -> dict[str, SearchDimension]:
+        """The parameters that are swept, by name."""
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+
+# Search-space parameter → its key under a stage section (what a trial's dotted override sets).
+SEARCH_PARAMETER_KEYS = {
+    "learning_rate": "train.learning_rate",
+    "epochs": "train.epochs",
+    "lora_r": "train.lora.r",
+    "lora_alpha": "train.lora.alpha",
+    "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps",
+    "micro_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "weight_decay": "train.weight_decay",
+}
+
+
+class StageSearchSpaces(_Section):
+    """Per-stage search spaces that replace `tune.search_space` for that stage."""
+
+    pretrain: Optional[SearchSpaceConfig] = Field(None, description="Search space of stage 1 sweeps.")
+    sft: Optional[SearchSpaceConfig] = Field(None, description="Search space of stage 2 sweeps.")
+
+
+class AshaConfig(_Section):
+    """ASHA early stopping. Its time unit is one evaluation: every epoch end (and every
+    `checkpoint.every_n_steps` checkpoint) reports the eval loss to Tune."""
+
+    grace_period: int = Field(1, ge=1, description="Evaluations every trial runs before it may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="Keep the best 1/reduction_factor at every rung.")
+    max_t: Optional[int] = Field(
+        None, ge=1, description="Evaluations after which a trial stops; default: the most a trial of the search "
+        "space can report, so no trial is cut short by the cap."
+    )
+
+
+class TuneConfig(_Section):
+    """Hyperparameter sweeps with Ray Tune (`orchestrator tune`; `orchestrator pipeline` sweeps `stages`).
+    Each trial is a full training run of the stage; results live in <storage_path>/<run_name>/tune/<stage>/."""
+
+    stages: list[Literal["pretrain", "sft"]] = Field(
+        default_factory=list, description="Stages `orchestrator pipeline` runs as sweeps; the best trial's model "
+        "becomes the stage's model."
+    )
+    reuse_best: list[Literal["pretrain", "sft"]] = Field(
+        default_factory=list, description="Stages `orchestrator pipeline` trains once with the best settings of "
+        "that stage's finished sweep (same run_name and storage)."
+    )
+    num_samples: int = Field(8, ge=1, description="Trials per sweep.")
+    max_concurrent_trials: Optional[int] = Field(
+        None, ge=1, description="Trials running at once; default and upper limit: what the cluster fits "
+        "(CPUs / (num_workers x cpus_per_worker), GPUs likewise)."
+    )
+    metric: Literal["eval_loss", "eval_perplexity"] = Field("eval_loss", description="What trials are ranked by.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher `metric` is better.")
+    search_alg: Literal["random", "optuna"] = Field(
+        "random", description="random: random search; optuna: Optuna's TPE sampler (needs `optuna` installed)."
+    )
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials early; none: run all.")
+    asha: AshaConfig = Field(default_factory=AshaConfig, description="ASHA settings.")
+    seed: int = Field(0, description="Seed of the search algorithm (trials train with their stage's train.seed).")
+    search_space: SearchSpaceConfig = Field(
+        default_factory=SearchSpaceConfig, description="What a sweep varies (for any stage without its own)."
+    )
+    stage_search_space: StageSearchSpaces = Field(
+        default_factory=StageSearchSpaces, description="A stage's own search space, replacing `search_space`."
+    )
+
+    @model_validator(mode="after")
+    def _sweep_or_reuse(self) -> "TuneConfig":
+        both = sorted(set(self.stages) & set(self.reuse_best))
+        if both:
+            raise ValueError(f"tune.stages and tune.reuse_best both name {', '.join(both)}: a stage is either swept "
+                             "or trained with a finished sweep's best settings")
+        return self
+
+    def space_for(self, stage: str) -> SearchSpaceConfig:
+        """The search space of `stage`: its own, else the shared one."""
+        return getattr(self.stage_search_space, stage) or self.search_space
+
+
 class PipelineConfig(_Section):
     """The whole run: shared settings plus the two stages."""
 
@@ -367,6 +802,15 @@ class PipelineConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP serving of the final model.")
     pretrain: Optional[StageConfig] = Field(None, description="Stage 1: continued pretraining on documents.")
     sft: Optional[StageConfig] = Field(None, description="Stage 2: supervised fine-tuning on conversations.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweeps (Ray Tune).")
+
+    @model_validator(mode="after")
+    def _tuned_stages_exist(self) -> "PipelineConfig":
+        for key in ("stages", "reuse_best"):
+            missing = [name for name in getattr(self.tune, key) if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"tune.{key} names {', '.join(missing)}, but the config has no such stage section")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_resolvable(self) -> "PipelineConfig":
@@ -374,6 +818,25 @@ class PipelineConfig(_Section):
             raise ValueError(
                 "no tokenizer: set `tokenizer.path`, or `model.base` (its tokenizer is used), or `tokenizer.train`"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _methods_fit(self) -> "PipelineConfig":
+        for name in STAGES:
+            stage = getattr(self, name)
+            if stage is None:
+                continue
+            method = stage.train.method
+            if method == "adalora" and self.distributed.zero_stage == 3:
+                raise ValueError(
+                    f"{name}.train.method=adalora does not work with distributed.zero_stage=3: AdaLoRA reallocates "
+                    "ranks over whole adapter matrices, which ZeRO-3 partitions; use zero_stage 0, 1 or 2"
+                )
+            if method in PROMPT_METHODS and name == "pretrain" and self.sft is not None:
+                raise ValueError(
+                    f"pretrain.train.method={method} trains virtual tokens that cannot be merged into the weights, "
+                    "so stage 2 cannot start from it; use it in the last stage only (or full/freeze/lora/adalora)"
+                )
         return self
 
     def stage(self, name: str) -> StageConfig:

@@ -1,5 +1,6 @@
-"""A stage's final checkpoint → a plain Hugging Face model directory (LoRA merged into its base),
-with a lineage manifest saying where it came from."""
+"""A stage's final checkpoint → a plain Hugging Face model directory (LoRA / AdaLoRA merged into its
+base), or — for prompt-style methods, which cannot be merged — the adapter naming its base; with a
+lineage manifest saying where it came from."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator import storage
+from orchestrator.config import MERGEABLE_METHODS, PROMPT_METHODS
 from orchestrator.errors import CheckpointError
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.model.peft import merge_adapter
@@ -36,7 +38,9 @@ def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri:
                  dtype: torch.dtype = torch.float32, lineage: Optional[dict[str, Any]] = None) -> str:
     """Write the stage's final model to `out_uri` so `AutoModelForCausalLM.from_pretrained` loads it.
 
-    Full fine-tuning: the checkpoint's model directory as is. LoRA: base + adapter merged.
+    Full / freeze: the checkpoint's model directory as is. LoRA / AdaLoRA: base + adapter merged.
+    prompt_tuning / p_tuning / prefix_tuning: the adapter, its `base_model_name_or_path` set to
+    `base_model_uri` (load it with `load_for_generation`, or serve it through `serve.adapters`).
     `lineage` (base model, data digests, metrics, versions, ...) is saved beside it as lineage.json.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -44,7 +48,10 @@ def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri:
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         model_dir, manifest = fetch_checkpoint_model(checkpoint_uri, f"{tmp}/checkpoint")
         out_local = f"{tmp}/out"
-        if method == "lora":
+        if method in PROMPT_METHODS:
+            shutil.copytree(model_dir, out_local)
+            _point_adapter_at_base(out_local, base_model_uri)
+        elif method in MERGEABLE_METHODS:
             base_dir = storage.download_dir(base_model_uri, f"{tmp}/base")
             merged = merge_adapter(base_dir, model_dir, dtype)
             tokenizer = load_tokenizer(model_dir)
@@ -67,6 +74,15 @@ def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri:
         storage.upload_dir(out_local, out_uri)
     log.info("exported %s model to %s", method, out_uri)
     return out_uri
+
+
+def _point_adapter_at_base(adapter_dir: str, base_model_uri: str) -> None:
+    path = f"{adapter_dir}/adapter_config.json"
+    with open(path, encoding="utf-8") as handle:
+        adapter_config = json.load(handle)
+    adapter_config["base_model_name_or_path"] = base_model_uri
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(adapter_config, handle, indent=2)
 
 
 def _set_generation_eos(generation: Any, tokenizer: Any) -> None:

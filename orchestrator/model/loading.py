@@ -86,7 +86,15 @@ def resolve_dtype(name: str, precision: str) -> torch.dtype:
 
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> Any:
     """AutoModelForCausalLM from a local directory."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
+
+    if attn_implementation == "flash_attention_2" and (
+        importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()
+    ):
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                          "(pip install flash-attn --no-build-isolation); use sdpa otherwise")
 
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -276,6 +276,11 @@ METHOD_CHOICES = ("full", "freeze", "lora", "qlora-8bit", "qlora-4bit", "prompt"
 PRECISION_CHOICES = ("fp32", "amp", "bf16", "pure-bf16")
 
 
+# Training methods of the config → the planner's kinds (same memory shape).
+_PLANNER_METHOD = {"full": "full", "freeze": "freeze", "lora": "lora", "adalora": "lora",
+                   "prompt_tuning": "prompt", "p_tuning": "p_tuning", "prefix_tuning": "p_tuning"}
+
+
 def method_from_name(name: str, base: MethodSpec) -> MethodSpec:
     """A CLI method name ('qlora-4bit', 'p-tuning', ...) applied to `base` (keeps its LoRA settings)."""
     if name == "qlora-8bit":
@@ -345,8 +350,10 @@ def setup_for_stage(
     train, data, dist = stage_config.train, stage_config.data, config.distributed
     notes: list[str] = []
     spec = MethodSpec(
-        kind=train.method,
-        lora_rank=train.lora.r,
+        kind=_PLANNER_METHOD[train.method],
+        lora_rank=train.adalora.init_r if train.method == "adalora" else train.lora.r,
+        freeze_trainable_layers=train.freeze.trainable_layers,
+        num_virtual_tokens=train.prompt.num_virtual_tokens,
         lora_targets=tuple(train.lora.target_modules),
         lora_dropout=train.lora.dropout,
         modules_to_save=tuple(train.lora.modules_to_save),

@@ -6,6 +6,7 @@
       deepspeed/state/    DeepSpeed engine state: module, optimizer shards (one per rank), scheduler
       rng/rank{r}.pt      RNG states per rank
       trainer_state.json  epoch, step within epoch, global step, metrics
+      deepspeed_config.json  the DeepSpeed config the run used (after user overrides)
       manifest.json       written LAST: every file with size and sha256 (all ranks)
 
 A checkpoint without a manifest, or whose files do not match it, is incomplete and never used.
@@ -31,6 +32,7 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_DIR = "model"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
+DEEPSPEED_CONFIG = "deepspeed_config.json"  # the merged DeepSpeed config the run used
 FORMAT_VERSION = 1
 
 
@@ -42,6 +44,7 @@ class TrainerState:
     micro_step_in_epoch: int = 0
     global_step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    micro_batches_per_epoch: int = 0  # per worker, at the world size that wrote the checkpoint
 
 
 def checkpoint_dir_name(global_step: int) -> str:

@@ -8,6 +8,7 @@ checkpoints reported through `ray.train.report`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,12 +25,12 @@ import numpy as np
 import torch
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, config_from_dict
-from orchestrator.model.loading import align_vocab, load_causal_lm, load_tokenizer, resolve_dtype
-from orchestrator.model.peft import apply_lora
+from orchestrator.config import ADAPTER_METHODS, PipelineConfig, config_from_dict
+from orchestrator.model.loading import load_tokenizer
 from orchestrator.train import checkpoint as ckpt
 from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from orchestrator.train.metrics_log import MetricsLog
+from orchestrator.train.model_setup import adalora_update, build_training_model
 
 log = logging.getLogger("orchestrator.train")
 IGNORE_INDEX = -100
@@ -137,14 +138,24 @@ def evaluate(engine: Any, eval_data: Any, micro_batch_size: int, pad_id: int, de
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def _save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, rank: int) -> None:
-    """Hugging Face directory of the current weights (the LoRA adapter for LoRA runs)."""
+def save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, rank: int, is_adapter: bool) -> None:
+    """Hugging Face directory of the current weights: the whole model, or the peft adapter.
+
+    ZeRO-3 keeps only a shard of every parameter per rank, so a plain save_pretrained would write
+    empty placeholders. Full weights: DeepSpeed's consolidated state dict (gathered to rank 0 one
+    module at a time, so no rank ever holds two full copies). Adapters: the trainable tensors are
+    gathered (collective) around peft's save_pretrained. Every rank must call this.
+    """
     import deepspeed
 
     module = engine.module
-    if zero_stage == 3:
-        # ZeRO-3 keeps only a shard per rank; gather the real tensors (collective) before saving.
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    if zero_stage == 3 and not is_adapter:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the tensors, others {}
+        if rank == 0:
+            module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    elif zero_stage == 3:
+        trainable = [param for param in module.parameters() if param.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
             if rank == 0:
                 module.save_pretrained(out_dir, safe_serialization=True)
     elif rank == 0:
@@ -154,23 +165,25 @@ def _save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, r
 
 
 def _save_checkpoint(engine: Any, tokenizer: Any, state: ckpt.TrainerState, extra: dict, zero_stage: int,
-                     is_lora: bool, logs: Optional[MetricsLog], metrics: dict) -> None:
+                     is_adapter: bool, logs: Optional[MetricsLog], metrics: dict) -> None:
     """Write this rank's part of a checkpoint into a temp dir and report it (Ray merges the ranks' dirs)."""
     import ray.train
     import torch.distributed as dist
 
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        _save_hf_model(engine, tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), zero_stage, rank)
+        save_hf_model(engine, tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), zero_stage, rank, is_adapter)
         engine.save_checkpoint(
             os.path.join(tmp, ckpt.DEEPSPEED_DIR),
             tag=ckpt.DEEPSPEED_TAG,
             client_state={"trainer_state": asdict(state)},
-            exclude_frozen_parameters=is_lora,
+            exclude_frozen_parameters=is_adapter,
         )
         ckpt.save_rng(tmp, rank)
         if rank == 0:
             ckpt.write_trainer_state(tmp, state)
+            with open(os.path.join(tmp, ckpt.DEEPSPEED_CONFIG), "w", encoding="utf-8") as handle:
+                json.dump(extra["deepspeed_config"], handle, indent=1, sort_keys=True)
             if logs is not None:
                 logs.copy_into(tmp)
         # The manifest lists every rank's files and is written last: an upload cut short never verifies.
@@ -187,11 +200,42 @@ def _save_checkpoint(engine: Any, tokenizer: Any, state: ckpt.TrainerState, extr
         )
 
 
-def _resume(engine: Any, root: str, is_lora: bool, rank: int) -> ckpt.TrainerState:
+def _resume_source(stage_uri: str, cache: str, stack: contextlib.ExitStack) -> tuple[Optional[str], Optional[dict]]:
+    """(local directory, manifest) of the checkpoint to resume from, or (None, None) for a fresh start.
+
+    Ray Train's own record first; when it has none (its record can miss a checkpoint that finished
+    uploading just before a crash, or the job was resubmitted), the newest manifest-verified
+    checkpoint in storage, which is the ground truth.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        root = stack.enter_context(checkpoint.as_directory())
+        source = checkpoint.path
+    else:
+        source = ckpt.latest_complete_checkpoint(stage_uri)
+        if source is None:
+            return None, None
+        root = storage.download_dir(source, os.path.join(cache, "resume"))
+    manifest = ckpt.verify_checkpoint(root)
+    return root, {**manifest, "source": source}
+
+
+def continue_with_new_world_size(saved: ckpt.TrainerState, micro_batches_per_epoch: int,
+                                 accumulation: int) -> ckpt.TrainerState:
+    """Where to continue when the worker count changed: same epoch and step counter, the same share of
+    the epoch done (rounded down to a whole optimizer step of the new micro-batch count)."""
+    done = saved.micro_step_in_epoch / saved.micro_batches_per_epoch if saved.micro_batches_per_epoch else 0.0
+    position = int(done * micro_batches_per_epoch) // accumulation * accumulation
+    return ckpt.TrainerState(epoch=saved.epoch, micro_step_in_epoch=position, global_step=saved.global_step,
+                             metrics=dict(saved.metrics), micro_batches_per_epoch=micro_batches_per_epoch)
+
+
+def _resume(engine: Any, root: str, is_adapter: bool, rank: int) -> ckpt.TrainerState:
     """Load engine (module, optimizer shards, scheduler), RNG and trainer state from a local checkpoint."""
-    ckpt.verify_checkpoint(root)
     load_path, client = engine.load_checkpoint(
-        os.path.join(root, ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_module_strict=not is_lora
+        os.path.join(root, ckpt.DEEPSPEED_DIR), tag=ckpt.DEEPSPEED_TAG, load_module_strict=not is_adapter
     )
     if load_path is None:
         raise ckpt.CheckpointError(f"{root}: DeepSpeed found no engine state to resume from")
@@ -224,51 +268,55 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cache = tempfile.mkdtemp(prefix="orchestrator-model-")
     model_dir = storage.download_dir(loop_config["base_model"], os.path.join(cache, "base"))
-    tokenizer = load_tokenizer(storage.download_dir(loop_config["tokenizer"], os.path.join(cache, "tokenizer")))
-    model = load_causal_lm(model_dir, resolve_dtype(config.model.dtype, precision), config.model.attn_implementation,
-                           config.model.trust_remote_code)
-    align_vocab(model, tokenizer)
-    if train_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    is_lora = train_cfg.method == "lora"
-    if is_lora:
-        if train_cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = apply_lora(model, train_cfg.lora)
-
+    tokenizer_dir = storage.download_dir(loop_config["tokenizer"], os.path.join(cache, "tokenizer"))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    is_adapter = train_cfg.method in ADAPTER_METHODS
     schedule = loop_config["schedule"]
     total_steps = schedule["total_steps"]
+    micro_per_epoch = schedule["micro_batches_per_epoch"]
+    accumulation = train_cfg.accumulation_steps(world)
     warmup = train_cfg.warmup_steps if train_cfg.warmup_steps is not None else math.ceil(train_cfg.warmup_ratio * total_steps)
-    ds_config = build_deepspeed_config(train_cfg, dist_cfg, world, precision)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=_param_groups(model, train_cfg.weight_decay),
-        config=ds_config,
-        lr_scheduler=partial(_make_scheduler, name=train_cfg.schedule, warmup=warmup, total=total_steps),
-        dist_init_required=False,
-    )
-
     logs = MetricsLog(loop_config["logs_dir"] if rank == 0 else None, stage)
     logs_for_checkpoint = logs if loop_config["logs_into_checkpoints"] else None
-    state, resumed_from = ckpt.TrainerState(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as root:
-            state = _resume(engine, root, is_lora, rank)
-            if logs_for_checkpoint is not None:
-                logs.restore_from(root)
-        resumed_from = checkpoint.path
-    else:
-        # Ray's record can miss a checkpoint that finished uploading just before a crash (or after its
-        # controller died); the manifests in storage are the ground truth.
-        latest = ckpt.latest_complete_checkpoint(loop_config["stage_uri"])
-        if latest is not None:
-            root = storage.download_dir(latest, os.path.join(cache, "resume"))
-            state = _resume(engine, root, is_lora, rank)
-            if logs_for_checkpoint is not None:
-                logs.restore_from(root)
-            resumed_from = latest
+
+    with contextlib.ExitStack() as stack:
+        resume_root, manifest = _resume_source(loop_config["stage_uri"], cache, stack)
+        saved_world = int(manifest.get("world_size") or world) if manifest else world
+        new_world = resume_root is not None and saved_world != world
+        if new_world and config.checkpoint.on_world_size_change == "fail":
+            raise ckpt.CheckpointError(
+                f"{manifest['source']} was written by {saved_world} workers and this run has {world}; "
+                "set checkpoint.on_world_size_change=reload_weights to continue from its weights with a fresh "
+                f"optimizer, or run with distributed.num_workers={saved_world}"
+            )
+        model = build_training_model(config, train_cfg, model_dir, tokenizer, tokenizer_dir, precision, total_steps,
+                                     os.path.join(resume_root, ckpt.MODEL_DIR) if new_world else None)
+        ds_config = build_deepspeed_config(train_cfg, dist_cfg, world, precision, loop_config["deepspeed_user_config"])
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=_param_groups(model, train_cfg.weight_decay),
+            config=ds_config,
+            lr_scheduler=partial(_make_scheduler, name=train_cfg.schedule, warmup=warmup, total=total_steps),
+            dist_init_required=False,
+        )
+        if train_cfg.torch_compile:
+            engine.compile(backend=train_cfg.torch_compile_backend)
+        state = ckpt.TrainerState(micro_batches_per_epoch=micro_per_epoch)
+        if new_world:
+            state = continue_with_new_world_size(ckpt.read_trainer_state(resume_root), micro_per_epoch, accumulation)
+            for _ in range(state.global_step):
+                engine.lr_scheduler.step()  # the schedule continues where it was; optimizer moments start afresh
+            if rank == 0:
+                log.warning("%s: checkpoint %s was written by %d workers, this run has %d: continuing from its "
+                            "weights with a FRESH optimizer state at step %d (epoch %d, micro-batch %d of %d)",
+                            stage, manifest["source"], saved_world, world, state.global_step, state.epoch + 1,
+                            state.micro_step_in_epoch, micro_per_epoch)
+        elif resume_root is not None:
+            state = _resume(engine, resume_root, is_adapter, rank)
+            state.micro_batches_per_epoch = micro_per_epoch
+        if resume_root is not None and logs_for_checkpoint is not None:
+            logs.restore_from(resume_root)
+    resumed_from = manifest["source"] if manifest else None
     if resumed_from is not None:
         log.info("resumed from %s at epoch %d, step %d", resumed_from, state.epoch, state.global_step)
 
@@ -284,8 +332,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_data = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
     pad_id = tokenizer.pad_token_id
-    micro_per_epoch = schedule["micro_batches_per_epoch"]
-    accumulation = train_cfg.gradient_accumulation_steps
+    is_adalora = train_cfg.method == "adalora"
     eval_batch = config.eval.micro_batch_size or train_cfg.micro_batch_size
     every_n = config.checkpoint.every_n_steps
 
@@ -308,6 +355,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue  # resume: these micro-batches were trained before the checkpoint
             loss = engine(**batch).loss
             engine.backward(loss)
+            if is_adalora and (micro + 1) % accumulation == 0:
+                adalora_update(engine.module, state.global_step, dist_cfg.zero_stage)  # before step() clears grads
             engine.step()
             window_loss += float(loss.detach().float())
             window_micro += 1
@@ -342,7 +391,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics.update(evaluate(engine, eval_data, eval_batch, pad_id, device, config.eval.max_batches))
                     logs.write(step, metrics)
                 state.metrics = metrics
-                _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_lora, logs_for_checkpoint,
+                _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_adapter, logs_for_checkpoint,
                                  metrics)
             if train_cfg.fail_at_step is not None and step == train_cfg.fail_at_step:
                 raise RuntimeError(f"fault injection: train.fail_at_step={step} reached (testing aid)")
@@ -358,7 +407,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("%s epoch %d/%d done: %s", stage, epoch + 1, train_cfg.epochs,
                      ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if config.checkpoint.at_epoch_end or epoch + 1 == train_cfg.epochs:
-            _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_lora, logs_for_checkpoint, metrics)
+            _save_checkpoint(engine, tokenizer, state, extra, dist_cfg.zero_stage, is_adapter, logs_for_checkpoint, metrics)
         else:
             ray.train.report(metrics)
     logs.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
@@ -17,6 +17,7 @@ from orchestrator.data.batching import (
 )
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
+from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
 from orchestrator.train.loop import schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,12 @@ def fit_stage(
     tokenizer: str,
     run_root: str,
     logs_dir: str,
+    callbacks: Sequence[Any] = (),
 ) -> FitOutcome:
-    """Train one stage on the Ray cluster; a second call with the same run_root resumes the first."""
+    """Train one stage on the Ray cluster; a second call with the same run_root resumes the first.
+
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when the run is a sweep trial.
+    """
     import ray
     import ray.data
     import ray.train
@@ -64,13 +69,17 @@ def fit_stage(
                  len(batches), 100 * padding_efficiency(lengths, batches),
                  100 * padding_efficiency(lengths, consecutive_batches(len(lengths), train_cfg.micro_batch_size)))
         train_table, rows_per_batch = prebatch_table(data.train, batches), 1
-    schedule = schedule_for(train_table.num_rows, dist.num_workers, rows_per_batch,
-                            train_cfg.gradient_accumulation_steps, train_cfg.epochs)
+    # Batch arithmetic and the user's DeepSpeed JSON are checked here, before any worker starts.
+    deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
+    build_deepspeed_config(train_cfg, dist, dist.num_workers,
+                           resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
+    accumulation = train_cfg.accumulation_steps(dist.num_workers)
+    schedule = schedule_for(train_table.num_rows, dist.num_workers, rows_per_batch, accumulation, train_cfg.epochs)
     if schedule["steps_per_epoch"] == 0:
         raise DataError(
             f"{stage}: {data.train.num_rows} training examples are too few for one optimizer step with "
             f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
-            f"{train_cfg.gradient_accumulation_steps}; add data or lower those settings"
+            f"{accumulation}; add data or lower those settings"
         )
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
@@ -95,6 +104,7 @@ def fit_stage(
             "logs_into_checkpoints": storage.is_remote(run_root),
             "s3_settings": s3_settings_ref,
             "stage_uri": storage.join(run_root, stage),
+            "deepspeed_user_config": deepspeed_user_config,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=dist.num_workers,
@@ -106,6 +116,7 @@ def fit_stage(
             name=stage,
             storage_path=storage_path,
             storage_filesystem=filesystem,
+            callbacks=list(callbacks),
             # Keep the N best by eval loss (Ray always keeps the latest too, for resuming).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,

@@ -58,7 +58,8 @@ def test_file_entries_and_manifest(tmp_path):
     assert manifest["files"]["model/config.json"]["sha256"] == sha256_of(ckpt / "model" / "config.json")
     assert manifest["format_version"] == 1
     assert manifest["stage"] == "sft"
-    assert manifest["trainer_state"] == {"epoch": 1, "micro_step_in_epoch": 3, "global_step": 40, "metrics": {"loss": 1.5}}
+    assert manifest["trainer_state"] == {"epoch": 1, "micro_step_in_epoch": 3, "global_step": 40, "metrics": {"loss": 1.5},
+                                         "micro_batches_per_epoch": 0}
     assert not (ckpt / (MANIFEST + ".tmp")).exists()
     assert read_trainer_state(str(ckpt)) == TrainerState(1, 3, 40, {"loss": 1.5})
     # the manifest never lists itself

@@ -154,7 +154,7 @@ def test_bad_literal_names_allowed_values():
         load_config(TINY, ["pretrain.train.method=qlora"])
     message = str(info.value)
     assert "pretrain.train.method" in message
-    assert "'full' or 'lora'" in message
+    assert "'full', 'freeze', 'lora', 'adalora', 'prompt_tuning', 'p_tuning' or 'prefix_tuning'" in message
     assert "(got 'qlora')" in message
 
 
@@ -223,7 +223,8 @@ def test_bad_run_name():
 def test_describe_schema_documents_every_key():
     lines = describe_schema()
     lr = [l for l in lines if l.startswith("sft.train.learning_rate ")]
-    assert lr == ["sft.train.learning_rate (default None): Peak learning rate. Default: 2e-05 for full, 0.0002 for LoRA."]
+    assert lr == ["sft.train.learning_rate (default None): Peak learning rate. Default: 2e-05 for full and freeze, "
+                  "0.0002 for lora and adalora, 0.01 for the prompt methods."]
     assert any(l.startswith("pretrain.data.sources[].path (default required):") for l in lines)
     assert any(l.startswith("distributed.zero_stage (default 2):") for l in lines)
     assert "model.tiny: Initialise a small LLaMA-architecture model from this config (when `base` is empty)." in lines

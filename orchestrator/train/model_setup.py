@@ -1,0 +1,58 @@
+"""The model a worker trains: base weights (or a checkpoint's), vocabulary, memory levers, PEFT method."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from orchestrator.config import ADAPTER_METHODS, PipelineConfig, TrainConfig
+from orchestrator.model.loading import align_vocab, load_causal_lm, resolve_dtype
+from orchestrator.model.peft import apply_method
+
+log = logging.getLogger(__name__)
+
+
+def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: str, tokenizer: Any,
+                         tokenizer_dir: str, precision: str, total_steps: int,
+                         checkpoint_model_dir: Optional[str] = None) -> Any:
+    """Load the base (or, with `checkpoint_model_dir`, a checkpoint's saved weights) and apply the method.
+
+    `checkpoint_model_dir` is a checkpoint's `model/` directory: full weights for full/freeze, the
+    trainable adapter for peft methods (loaded on top of the base in `model_dir`).
+    """
+    is_adapter = train.method in ADAPTER_METHODS
+    weights_dir = checkpoint_model_dir if checkpoint_model_dir is not None and not is_adapter else model_dir
+    model = load_causal_lm(weights_dir, resolve_dtype(config.model.dtype, precision),
+                           config.model.attn_implementation, config.model.trust_remote_code)
+    align_vocab(model, tokenizer)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        if is_adapter:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if is_adapter and checkpoint_model_dir is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, checkpoint_model_dir, is_trainable=True)
+    return apply_method(model, train, total_steps, tokenizer_dir)
+
+
+def adalora_update(module: Any, global_step: int, zero_stage: int) -> None:
+    """AdaLoRA's importance update and rank reallocation; every rank calls it after backward, before the step.
+
+    peft reads `param.grad` of the adapter matrices. ZeRO 1/2 keep reduced gradients in their own
+    partitioned buffers (param.grad is None), so the full gradients are put in place for the call.
+    """
+    if zero_stage == 0:
+        module.base_model.update_and_allocate(global_step)
+        return
+    from deepspeed.utils import safe_get_full_grad
+
+    adapter = [param for name, param in module.named_parameters() if "lora_" in name and param.requires_grad]
+    for param in adapter:
+        param.grad = safe_get_full_grad(param)
+    try:
+        module.base_model.update_and_allocate(global_step)
+    finally:
+        for param in adapter:
+            param.grad = None
