@@ -213,3 +213,26 @@ def test_adalora_saves_the_reallocated_ranks_of_the_real_tensors(trained):
             full = in_memory[name]
             for row in tensor:
                 assert any(torch.equal(row, kept) for kept in full), name
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_prompt_adapters_are_served_as_adapters_on_their_base(trained, method):
+    """The serving engine's adapter path (serve.adapters) generates with virtual-token adapters."""
+    from orchestrator.serve.engine import AdapterEngine, HFEngine
+    from orchestrator.serve.protocol import GenerationParams
+
+    out, _, base = trained
+    engine = AdapterEngine(HFEngine(str(base), device="cpu"), str(out / f"{method}-zero2"))
+    params = GenerationParams(max_new_tokens=5, do_sample=False)
+    [completion] = engine.generate([[5, 6, 7, 8]], params)
+    assert completion.prompt_tokens == 4 and 1 <= completion.completion_tokens <= 5
+
+
+def test_freeze_model_generates(trained):
+    from orchestrator.model.generate import load_for_generation
+
+    out, _, _ = trained
+    model, _ = load_for_generation(str(out / "freeze-zero2"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                          min_new_tokens=4, do_sample=False).shape == (1, 8)
