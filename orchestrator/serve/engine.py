@@ -48,7 +48,7 @@ class HFEngine:
     """One model + tokenizer; `generate` for batches, `stream` for one request."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, tokenizer_dir: Optional[str] = None):
         from transformers import AutoModelForCausalLM
 
         from orchestrator.model.loading import load_tokenizer
@@ -59,7 +59,7 @@ class HFEngine:
             trust_remote_code=trust_remote_code,
         ).to(self.device)
         self.model.eval()
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir or model_dir)
         self.tokenizer.padding_side = "left"
         self.template = select_template("auto", self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
