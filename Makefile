@@ -37,3 +37,10 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# Deployment files checked offline: k8s/ overlays (kubectl kustomize + KubeRay CRDs in ../shared/kuberay-v1.7.0),
+# cluster/ launcher YAML (Ray's own checks), the Dockerfile's Ray pin. Override the CRDs with CRDS=dir.
+.PHONY: validate
+validate: $(STAMP)
+	$(BIN)/python -m orchestrator k8s validate $(if $(CRDS),--crds $(CRDS))
+	$(BIN)/python -m orchestrator cluster validate

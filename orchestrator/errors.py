@@ -48,6 +48,11 @@ class CheckpointError(OrchestratorError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class DeploymentError(OrchestratorError):
+    """Deployment files cannot be checked at all (missing CRDs, kustomize failing); bad fields are reported
+    as problems instead."""
+
+
 def _short(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

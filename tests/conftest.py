@@ -20,3 +20,25 @@ def shared_data() -> Path:
             pytest.fail(message + " (CI=true: the data is required)")
         pytest.skip(message)
     return SHARED_DATA
+
+
+KUBERAY_CRDS = (REPO_ROOT / ".." / "shared" / "kuberay-v1.7.0" / "crds").resolve()
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds() -> Path:
+    """../shared/kuberay-v1.7.0/crds (read-only KubeRay CRDs) and `kubectl` to build the overlays.
+    In CI a missing one is a failure, elsewhere a skip."""
+    import shutil
+
+    missing = []
+    if not (KUBERAY_CRDS / "ray.io_rayjobs.yaml").is_file():
+        missing.append(f"the KubeRay CRDs at {KUBERAY_CRDS} (expected ../shared/kuberay-v1.7.0/crds)")
+    if shutil.which("kubectl") is None:
+        missing.append("kubectl (its built-in kustomize builds the k8s/ overlays offline)")
+    if missing:
+        message = "not found: " + "; ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: required)")
+        pytest.skip(message)
+    return KUBERAY_CRDS
