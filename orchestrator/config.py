@@ -69,11 +69,22 @@ class ModelConfig(_Section):
         "sdpa", description="Attention kernel passed to from_pretrained."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the base model.")
+    init_adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters (directories or URIs, e.g. an earlier run's "
+        "checkpoint_*/model) merged into the base, in order, before the first stage of this run trains a new "
+        "adapter on the result (written once to <run>/<stage>-base/ and reused on reruns).",
+    )
+    resume_adapter: bool = Field(
+        False, description="Keep training the last of `init_adapters` (the others are merged into the base) "
+        "instead of starting a new adapter; the stage's method must be that adapter's (lora or a prompt method).",
+    )
 
     @model_validator(mode="after")
     def _base_or_tiny(self) -> "ModelConfig":
         if (self.base is None) == (self.tiny is None):
             raise ValueError("set exactly one of `model.base` (a model directory) or `model.tiny` (a tiny config)")
+        if self.resume_adapter and not self.init_adapters:
+            raise ValueError("`model.resume_adapter: true` needs the adapter to continue in `model.init_adapters`")
         return self
 
 
@@ -119,6 +130,15 @@ class DataSourceConfig(_Section):
     max_records: Optional[int] = Field(None, gt=0, description="Read at most this many records (first N).")
 
 
+class ReplayConfig(_Section):
+    """Earlier data mixed into a stage so the model does not forget it."""
+
+    source: DataSourceConfig = Field(..., description="Where the earlier data is (any format; stage 1 flattens "
+                                     "conversations into documents, stage 2 trains documents as plain text).")
+    ratio: float = Field(..., gt=0, lt=1, description="Share of the stage's final training set taken from this "
+                         "source (tokens in stage 1, examples in stage 2), sampled with the shuffle seed.")
+
+
 class DataConfig(_Section):
     """What a stage trains on and how it is turned into tokens."""
 
@@ -149,6 +169,18 @@ class DataConfig(_Section):
         True, description="Stage 1: SFT sources (alpaca, multiturn, sharegpt) are flattened into plain documents."
     )
     shuffle_seed: int = Field(42, description="Seed for the train/eval split and the per-epoch shuffle.")
+    replay: list[ReplayConfig] = Field(
+        default_factory=list, description="Earlier data mixed into the training set (not the evaluation set), "
+        "e.g. general instructions or stage-1 documents; the realised shares are logged and kept in the data stats.",
+    )
+
+    @model_validator(mode="after")
+    def _replay_leaves_room(self) -> "DataConfig":
+        total = sum(entry.ratio for entry in self.replay)
+        if total >= 1:
+            raise ValueError(f"the replay ratios add up to {total:g}; they are shares of the final training set and "
+                             "must add up to less than 1")
+        return self
 
 
 class LoraConfig(_Section):
@@ -162,7 +194,8 @@ class LoraConfig(_Section):
         description="Module names to adapt (LLaMA names by default: all linear layers).",
     )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained in full next to the adapter (e.g. embed_tokens, lm_head)."
+        default_factory=list, description="Modules trained in full next to the adapter (e.g. embed_tokens, lm_head; "
+        "both are added automatically when the stage extends the vocabulary)."
     )
 
 

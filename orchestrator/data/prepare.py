@@ -18,6 +18,7 @@ import pyarrow as pa
 from orchestrator.config import DataConfig
 from orchestrator.data.formats import load_examples
 from orchestrator.data.pretrain import pack_documents
+from orchestrator.data.replay import mix_replay_examples, pack_with_replay
 from orchestrator.data.sft import tokenize_conversations
 from orchestrator.data.templates import select_template
 from orchestrator.errors import DataError
@@ -79,7 +80,7 @@ def prepare_pretrain(data: DataConfig, tokenizer: Any) -> PreparedData:
         )
     else:
         train_docs, eval_docs = split_eval(documents, data.eval_split, data.shuffle_seed)
-    train = pack_documents(train_docs, tokenizer, data.block_size)
+    train, replay = pack_with_replay(train_docs, data, tokenizer)
     eval_table = None
     eval_blocks = 0
     if eval_docs:
@@ -91,7 +92,7 @@ def prepare_pretrain(data: DataConfig, tokenizer: Any) -> PreparedData:
     stats = {
         "records": report.records,
         "skipped_records": report.skipped,
-        "files": report.files,
+        "files": {**report.files, **replay.files},
         "train_documents": len(train_docs),
         "eval_documents": len(eval_docs),
         "train_blocks": len(train.blocks),
@@ -99,6 +100,7 @@ def prepare_pretrain(data: DataConfig, tokenizer: Any) -> PreparedData:
         "block_size": data.block_size,
         "train_tokens": int(train.blocks.size),
         "dropped_tail_tokens": train.dropped_tokens,
+        **replay.stats,
     }
     _log_stats("pretrain", stats, report.errors)
     return PreparedData(_blocks_table(train.blocks), eval_table, stats)
@@ -116,12 +118,13 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
     train, dropped = tokenize_conversations(train_conv, tokenizer, template, data.max_length, data.train_on)
     if not train:
         raise DataError("no stage-2 example has a trainable token after truncation; raise data.max_length")
+    train, replay = mix_replay_examples(train, data, tokenizer, template)
     evals, _ = tokenize_conversations(eval_conv, tokenizer, template, data.max_length, data.train_on)
     lengths = np.array([len(e.input_ids) for e in train])
     stats = {
         "records": report.records,
         "skipped_records": report.skipped,
-        "files": report.files,
+        "files": {**report.files, **replay.files},
         "template": template.name,
         "train_examples": len(train),
         "eval_examples": len(evals),
@@ -130,6 +133,7 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
         "trainable_tokens": int(sum(int((e.labels != -100).sum()) for e in train)),
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
+        **replay.stats,
     }
     _log_stats("sft", stats, report.errors)
     train_table = _ragged_table({"input_ids": [e.input_ids for e in train], "labels": [e.labels for e in train]})

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator.data.templates import select_template
+from orchestrator.model.embeddings import check_tokenizer_fits
 from orchestrator.model.loading import load_tokenizer
 
 
@@ -31,7 +32,9 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.eval()
-    return model, load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(model, tokenizer, model_dir)
+    return model, tokenizer
 
 
 def format_prompt(tokenizer: Any, prompt: str, chat: bool = True, template: str = "auto",

@@ -30,13 +30,13 @@ def apply_method(model: Any, train: TrainConfig, total_steps: int, tokenizer_dir
         return apply_lora(model, train.lora)
     from peft import get_peft_model
 
-    peft_config = _peft_config(train, total_steps, tokenizer_dir)
+    peft_config = _peft_config(train, total_steps, tokenizer_dir, _embedding_tying(model, train.lora.modules_to_save))
     model = get_peft_model(model, peft_config)
     _log_trainable(model, method)
     return model
 
 
-def _peft_config(train: TrainConfig, total_steps: int, tokenizer_dir: str) -> Any:
+def _peft_config(train: TrainConfig, total_steps: int, tokenizer_dir: str, tying: dict[str, bool]) -> Any:
     import peft
 
     method, prompt = train.method, train.prompt
@@ -54,6 +54,7 @@ def _peft_config(train: TrainConfig, total_steps: int, tokenizer_dir: str) -> An
             tfinal=ada.tfinal, deltaT=ada.delta_t, beta1=ada.beta1, beta2=ada.beta2,
             orth_reg_weight=ada.orth_reg_weight, total_step=total_steps, lora_alpha=train.lora.alpha,
             lora_dropout=train.lora.dropout, target_modules=list(train.lora.target_modules),
+            modules_to_save=list(train.lora.modules_to_save) or None, **tying,
         )
     if method == "prompt_tuning":
         init = {"prompt_tuning_init": peft.PromptTuningInit.RANDOM}
@@ -130,6 +131,13 @@ def check_mergeable(adapter_dir: str) -> None:
         )
 
 
+def _embedding_tying(model: Any, modules_to_save: list[str]) -> dict[str, bool]:
+    """Tied input/output embeddings trained in full (modules_to_save) must stay one matrix in the adapter."""
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    return {"ensure_weight_tying": True} if tied and modules_to_save else {}
+
+
 def apply_lora(model: Any, lora: LoraConfig) -> Any:
     """Wrap `model` in a peft LoRA model; only adapter (and modules_to_save) weights stay trainable."""
     from peft import LoraConfig as PeftLoraConfig
@@ -142,6 +150,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         modules_to_save=list(lora.modules_to_save) or None,
+        **_embedding_tying(model, lora.modules_to_save),
     )
     model = get_peft_model(model, peft_config)
     _log_trainable(model, "LoRA")
@@ -149,14 +158,9 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
 
 def merge_adapter(base_dir: str, adapter_dir: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Base model + LoRA adapter → a plain transformers model with the adapter folded in."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    check_mergeable(adapter_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    return merged
+    """Base model + LoRA adapter → a plain transformers model with the adapter folded in (vocabulary sizes
+    checked and logits verified as in `merge_adapters`)."""
+    return merge_adapters(base_dir, [adapter_dir], dtype)[0]
 
 
 def merge_adapters(base_dir: str, adapter_dirs: list[str], dtype: torch.dtype = torch.float32) -> tuple[Any, float]:

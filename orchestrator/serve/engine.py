@@ -51,6 +51,7 @@ class HFEngine:
                  device: Optional[str] = None, tokenizer_dir: Optional[str] = None):
         from transformers import AutoModelForCausalLM
 
+        from orchestrator.model.embeddings import check_tokenizer_fits
         from orchestrator.model.loading import load_tokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,6 +61,7 @@ class HFEngine:
         ).to(self.device)
         self.model.eval()
         self.tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+        check_tokenizer_fits(self.model, self.tokenizer, tokenizer_dir or model_dir)
         self.tokenizer.padding_side = "left"
         self.template = select_template("auto", self.tokenizer)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))

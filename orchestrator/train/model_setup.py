@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Any, Optional
 
+from orchestrator import storage
 from orchestrator.config import ADAPTER_METHODS, PipelineConfig, TrainConfig
 from orchestrator.model.loading import align_vocab, load_causal_lm, resolve_dtype
 from orchestrator.model.peft import apply_method
@@ -18,7 +20,9 @@ def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: 
     """Load the base (or, with `checkpoint_model_dir`, a checkpoint's saved weights) and apply the method.
 
     `checkpoint_model_dir` is a checkpoint's `model/` directory: full weights for full/freeze, the
-    trainable adapter for peft methods (loaded on top of the base in `model_dir`).
+    trainable adapter for peft methods (loaded on top of the base in `model_dir`). Without one,
+    `model.resume_adapter` continues the last of `model.init_adapters` instead of a new adapter (the
+    driver left it set only for the stage it applies to, see orchestrator.train.stage_base).
     """
     is_adapter = train.method in ADAPTER_METHODS
     weights_dir = checkpoint_model_dir if checkpoint_model_dir is not None and not is_adapter else model_dir
@@ -34,7 +38,19 @@ def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: 
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, checkpoint_model_dir, is_trainable=True)
+    if config.model.resume_adapter:
+        return load_trainable_adapter(model, config.model.init_adapters[-1])
     return apply_method(model, train, total_steps, tokenizer_dir)
+
+
+def load_trainable_adapter(model: Any, adapter_uri: str) -> Any:
+    """`model` wrapped with the adapter at `adapter_uri` (directory or URI), its weights trainable."""
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="resume-adapter-") as tmp:
+        model = PeftModel.from_pretrained(model, storage.download_dir(adapter_uri, tmp), is_trainable=True)
+    log.info("continuing to train adapter %s", adapter_uri)
+    return model
 
 
 def adalora_update(module: Any, global_step: int, zero_stage: int) -> None:
