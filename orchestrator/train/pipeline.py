@@ -31,6 +31,7 @@ from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.export import export_model
 from orchestrator.plan.planner import check_fits
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
+from orchestrator.train.stage_base import prepare_stage_base
 from orchestrator.train.trainer import ensure_ray, fit_stage
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class StageResult:
 @dataclass
 class PipelineResult:
     stages: list[StageResult] = field(default_factory=list)
+    eval_report: Optional[str] = None  # report.md of the evaluation after training (eval.after_training)
 
     @property
     def final_model(self) -> str:
@@ -141,13 +143,16 @@ def read_stage_metrics(config: PipelineConfig, stage: str) -> list[dict[str, Any
 
 
 def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
-    """(base model URI, tokenizer URI or None = the base's own). Creates the tiny base once per run."""
+    """(base model URI, tokenizer URI or None = the base's own). Creates the tiny base once per run.
+
+    Local paths come back absolute: Ray Train workers run in a working directory of their own.
+    """
     if config.model.base is not None:
-        return config.model.base, config.tokenizer.path
+        return storage.join(config.model.base), config.tokenizer.path and storage.join(config.tokenizer.path)
     base_uri = storage.join(run_root(config), "base")
     if storage.exists(storage.join(base_uri, "config.json")):
         log.info("reusing the tiny base model at %s", base_uri)
-        return base_uri, config.tokenizer.path
+        return base_uri, config.tokenizer.path and storage.join(config.tokenizer.path)
     if config.tokenizer.path is not None:
         tokenizer = load_tokenizer(storage.download_dir(config.tokenizer.path, tempfile.mkdtemp(prefix="tok-")))
     else:
@@ -189,6 +194,9 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
     data = prepare_stage_data(stage, stage_cfg.data, tokenizer)
+    # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
+    stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, run_root(config))
+    config, base_model = stage_base.config, stage_base.model_uri
     ensure_ray(ray_address)
     try:
         outcome = fit_stage(config, stage, data, base_model, tokenizer_uri, run_root(config),
@@ -197,25 +205,48 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
         raise
     except Exception as exc:
         raise TrainingFailed(stage, storage.join(run_root(config), stage), exc) from exc
-    train_cfg = stage_cfg.train
+    model_uri = export_stage_model(config, stage, outcome.checkpoint_path, outcome.metrics, data.stats, base_model,
+                                   tokenizer_uri, extra_lineage=stage_base.lineage)
+    wall = time.perf_counter() - started
+    log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
+    return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)
+
+
+def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, metrics: dict[str, Any],
+                       data_stats: dict[str, Any], base_model: str, tokenizer_uri: str,
+                       extra_lineage: Optional[dict[str, Any]] = None) -> str:
+    """The stage's final model in `models/<stage>/`, with lineage.json saying where it came from."""
+    train_cfg = config.stage(stage).train
     precision = "bf16" if train_cfg.precision == "bf16" else "fp32"
     lineage = {
         "stage": stage,
         "tokenizer": tokenizer_uri,
-        "data_files": data.stats.get("files", {}),
-        "data_stats": {k: v for k, v in data.stats.items() if k != "files"},
-        "metrics": outcome.metrics,
+        "data_files": data_stats.get("files", {}),
+        "data_stats": {k: v for k, v in data_stats.items() if k != "files"},
+        "metrics": metrics,
         "config": config.model_dump(mode="json"),  # secrets are masked by their SecretStr type
         "packages": package_versions(),
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra_lineage or {}),
     }
-    model_uri = export_model(outcome.checkpoint_path, base_model, train_cfg.method,
-                             storage.join(run_root(config), "models", stage),
-                             resolve_dtype(config.model.dtype, precision), lineage)
-    wall = time.perf_counter() - started
-    log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
-    return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)
+    return export_model(checkpoint_uri, base_model, train_cfg.method, storage.join(run_root(config), "models", stage),
+                        resolve_dtype(config.model.dtype, precision), lineage)
+
+
+def _train_stage(config: PipelineConfig, stage: str, base_model: Optional[str], tokenizer_uri: Optional[str],
+                 ray_address: Optional[str]) -> StageResult:
+    """A stage as the config asks: swept (tune.stages), trained with its sweep's best settings
+    (tune.reuse_best), or trained as configured."""
+    if stage in config.tune.stages:
+        from orchestrator.tune.sweep import run_sweep_stage  # imported here: it imports this module
+
+        return run_sweep_stage(config, stage, base_model, tokenizer_uri, ray_address)
+    if stage in config.tune.reuse_best:
+        from orchestrator.tune.results import config_with_best
+
+        config = config_with_best(config, stage)
+    return run_stage(config, stage, base_model, tokenizer_uri, ray_address)
 
 
 def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> PipelineResult:
@@ -226,12 +257,20 @@ def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> P
         raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
     result = PipelineResult()
     storage.configure(s3_settings(config))
+    for swept in config.tune.stages:
+        from orchestrator.tune.space import check_sweep
+
+        check_sweep(config, swept)  # a bad stage-2 search space fails before stage 1 trains
     base_model, tokenizer_uri = materialize_base(config)
     if config.pretrain is not None:
-        stage1 = run_stage(config, "pretrain", base_model, tokenizer_uri, ray_address)
+        stage1 = _train_stage(config, "pretrain", base_model, tokenizer_uri, ray_address)
         result.stages.append(stage1)
         # Stage 2 starts from stage 1's merged model, which carries the tokenizer.
         base_model, tokenizer_uri = stage1.model_uri, None
     if config.sft is not None:
-        result.stages.append(run_stage(config, "sft", base_model, tokenizer_uri, ray_address))
+        result.stages.append(_train_stage(config, "sft", base_model, tokenizer_uri, ray_address))
+    if config.eval.after_training:
+        from orchestrator.evaluation.runner import evaluate_run  # imported here: it imports this module
+
+        result.eval_report = evaluate_run(config, ray_address=ray_address).files["report.md"]
     return result

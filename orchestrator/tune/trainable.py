@@ -1,0 +1,42 @@
+"""One sweep trial: a full Ray Train run of the stage with the trial's values applied.
+
+Ray Tune calls `train_trial` once per trial. It builds and fits the stage's own `TorchTrainer`
+(its workers, its DeepSpeed config) with `TuneReportCallback`, the pattern Ray 2.60 recommends for
+Tune over Ray Train V2: every evaluation the workers report reaches Tune, so ASHA can stop the
+trial between evaluations. The data was prepared once on the driver and arrives through the
+object store.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import PipelineConfig
+from orchestrator.data.prepare import PreparedData
+from orchestrator.train.trainer import fit_stage
+from orchestrator.tune.results import trial_root
+from orchestrator.tune.space import trial_config
+
+# What the trial function itself holds while its Train workers do the work. Tune gives it 1 CPU by
+# default, which the workers then cannot use; {"CPU": 0} alone is rejected, so it holds a token
+# amount of memory, a resource every node has. Trials never oversubscribe: the sweep caps
+# max_concurrent_trials at what the cluster fits (orchestrator.tune.space.concurrent_trials).
+TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, data: PreparedData,
+                base_model: str, tokenizer: str, sweep: str, s3_settings: storage.S3Settings) -> None:
+    """Train `stage` with `params` applied; a rerun of the same trial (restored sweep) resumes its checkpoints."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    storage.configure(s3_settings)
+    trial_id = tune.get_context().get_trial_id()
+    trial = trial_config(config, stage, params)
+    root = trial_root(sweep, trial_id)
+    # Remote storage: logs travel inside the checkpoints, written from a local scratch directory.
+    logs = (tempfile.mkdtemp(prefix=f"orchestrator-logs-{trial_id}-") if storage.is_remote(root)
+            else storage.join(root, "logs", stage))
+    fit_stage(trial, stage, data, base_model, tokenizer, root, logs, callbacks=[TuneReportCallback()])
