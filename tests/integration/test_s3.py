@@ -134,6 +134,13 @@ def test_checkpoints_and_models_on_s3_without_leaking_credentials(ray_cluster, s
     assert not leaks, leaks
 
 
+def _is_train_worker(process: psutil.Process) -> bool:
+    try:
+        return (process.cmdline() or [""])[0].startswith("ray::RayTrainWorker")
+    except psutil.Error:  # it exited meanwhile
+        return False
+
+
 def _kill_one_worker_after_first_checkpoint(stage_uri: str, killed: list, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -144,12 +151,13 @@ def _kill_one_worker_after_first_checkpoint(stage_uri: str, killed: list, stop: 
         time.sleep(0.3)
     if stop.is_set():
         return
-    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    # Only this test's cluster: ray.init() started its raylet as a child of this process, and the
+    # workers under it (another Ray instance on the machine has train workers of its own).
+    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True) if _is_train_worker(p)]
     if workers:
-        victim = max(workers, key=lambda p: p.info["pid"])
+        victim = max(workers, key=lambda p: p.pid)
         victim.kill()
-        killed.append(victim.info["pid"])
+        killed.append(victim.pid)
 
 
 @pytest.mark.parametrize("method,zero_stage", [("full", 2), ("lora", 3)])
