@@ -27,7 +27,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.train.checkpoint import latest_complete_checkpoint
 from orchestrator.train.metrics_log import METRICS_FILE, read_metrics
 from orchestrator.data.formats import load_examples
-from orchestrator.data.prepare import prepare_stage_data
+from orchestrator.data.prepare import PreparedData, prepare_stage_data
 from orchestrator.model.export import export_model
 from orchestrator.plan.planner import check_fits
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
@@ -181,32 +181,49 @@ def _all_documents(config: PipelineConfig) -> list:
     return documents
 
 
-def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
-              tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
-    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage trains from, prepared on the driver before any worker starts."""
+
+    config: PipelineConfig  # as the stage base adjusted it (e.g. embeddings trained with a grown vocabulary)
+    base_model: str  # URI of the model the stage starts from
+    tokenizer_uri: str
+    data: PreparedData
+    lineage: dict[str, Any]  # where the stage base came from (merged adapters, grown vocabulary)
+
+
+def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
+                         tokenizer_uri: Optional[str] = None) -> StageInputs:
+    """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike)."""
     storage.configure(s3_settings(config))
-    stage_cfg = config.stage(stage)
     check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
     tokenizer_uri = tokenizer_uri or base_model
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
-    data = prepare_stage_data(stage, stage_cfg.data, tokenizer)
+    data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
     # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
     stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, run_root(config))
-    config, base_model = stage_base.config, stage_base.model_uri
+    return StageInputs(stage_base.config, stage_base.model_uri, tokenizer_uri, data, stage_base.lineage)
+
+
+def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
+              tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
+    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
+    started = time.perf_counter()
+    inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
+    config, data = inputs.config, inputs.data
     ensure_ray(ray_address)
     try:
-        outcome = fit_stage(config, stage, data, base_model, tokenizer_uri, run_root(config),
+        outcome = fit_stage(config, stage, data, inputs.base_model, inputs.tokenizer_uri, run_root(config),
                             logs_dir(config, stage))
     except OrchestratorError:
         raise
     except Exception as exc:
         raise TrainingFailed(stage, storage.join(run_root(config), stage), exc) from exc
-    model_uri = export_stage_model(config, stage, outcome.checkpoint_path, outcome.metrics, data.stats, base_model,
-                                   tokenizer_uri, extra_lineage=stage_base.lineage)
+    model_uri = export_stage_model(config, stage, outcome.checkpoint_path, outcome.metrics, data.stats,
+                                   inputs.base_model, inputs.tokenizer_uri, extra_lineage=inputs.lineage)
     wall = time.perf_counter() - started
     log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
     return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)

@@ -12,20 +12,21 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, s3_settings
-from orchestrator.data.prepare import PreparedData, prepare_stage_data
+from orchestrator.config import PipelineConfig
+from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import CheckpointError, ConfigError, DataError
-from orchestrator.model.loading import load_tokenizer
-from orchestrator.plan.planner import check_fits
 from orchestrator.train.checkpoint import CheckpointInfo, list_checkpoints
-from orchestrator.train.pipeline import StageResult, export_stage_model, materialize_base, run_root
-from orchestrator.train.stage_base import prepare_stage_base
+from orchestrator.train.pipeline import (
+    StageResult,
+    export_stage_model,
+    prepare_stage_inputs,
+    run_root,
+)
 from orchestrator.train.trainer import ensure_ray
 from orchestrator.tune.results import (
     SWEEP_RECORD,
@@ -60,6 +61,7 @@ class SweepResult:
     files: dict[str, str]  # csv, json, best_config → URI
     data_stats: dict[str, Any]
     base_model: str  # what the trials started from
+    tokenizer_uri: str
     base_lineage: dict[str, Any]  # how that base was derived (adapters merged, vocabulary grown), if it was
     wall_seconds: float
     resumed: bool  # continued an interrupted sweep
@@ -92,24 +94,16 @@ def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = No
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> SweepResult:
     """Sweep `stage` as `config.tune` says; a second call with the same run_name and storage resumes it."""
     started = time.perf_counter()
-    storage.configure(s3_settings(config))
     check_sweep(config, stage)
-    check_fits(config, stage)  # warns (or, with plan.strict, refuses) when one trial will not fit
-    if base_model is None:
-        base_model, tokenizer_uri = materialize_base(config)
-    tokenizer_uri = tokenizer_uri or base_model
-    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
-        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
-    data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
+    inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)  # as for a plain run of the stage
+    data = inputs.data
     if data.eval is None:
         raise DataError(f"{stage}: the held-out set is empty (e.g. shorter than one block), so trials cannot be "
                         f"ranked by {config.tune.metric}; raise {stage}.data.eval_split or set eval_sources")
     sweep = sweep_uri(config, stage)
     _record_sweep(config, stage, sweep)
-    # As for a plain run: init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/.
-    stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, run_root(config))
     connect_ray(ray_address)
-    tuner, resumed = _tuner(stage_base.config, stage, data, stage_base.model_uri, tokenizer_uri, sweep)
+    tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep)
     grid = tuner.fit()
     rows = sorted((_row(result, config, stage, sweep) for result in grid), key=lambda row: row.trial_id)
     best = pick_best(rows, config.tune.mode)
@@ -117,8 +111,8 @@ def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     files = write_results(config, stage, rows, best, wall)
     log.info("%s sweep: %d trials in %.1f s; best %s %s=%.4g, checkpoint %s", stage, len(rows), wall,
              best.trial_id, config.tune.metric, best.best_metric, best.checkpoint)
-    return SweepResult(stage, rows, best, trial_config(stage_base.config, stage, best.params), files, data.stats,
-                       stage_base.model_uri, stage_base.lineage, wall, resumed)
+    return SweepResult(stage, rows, best, trial_config(inputs.config, stage, best.params), files, data.stats,
+                       inputs.base_model, inputs.tokenizer_uri, inputs.lineage, wall, resumed)
 
 
 def run_sweep_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
@@ -127,12 +121,10 @@ def run_sweep_stage(config: PipelineConfig, stage: str, base_model: Optional[str
     result = run_sweep(config, stage, base_model, tokenizer_uri, ray_address)
     if result.best_checkpoint is None:
         raise CheckpointError(f"{stage} sweep: the best trial {result.best.trial_id} left no complete checkpoint")
-    if base_model is None:
-        base_model, tokenizer_uri = materialize_base(config)
     metrics = {config.tune.metric: result.best.best_metric, "epoch": result.best.epochs_run}
     sweep = {"sweep": {"results": result.files["json"], "trial_id": result.best.trial_id, "params": result.best.params}}
     model_uri = export_stage_model(result.best_config, stage, result.best_checkpoint, metrics, result.data_stats,
-                                   result.base_model, tokenizer_uri or base_model, {**result.base_lineage, **sweep})
+                                   result.base_model, result.tokenizer_uri, {**result.base_lineage, **sweep})
     return StageResult(stage, model_uri, result.best_checkpoint, metrics, result.data_stats, result.wall_seconds)
 
 
