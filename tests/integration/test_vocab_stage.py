@@ -1,5 +1,6 @@
 """Stage 1 through `run_stage` on a real local Ray cluster with a domain-extended tokenizer, LoRA, and an
-earlier LoRA adapter to continue from (`model.init_adapters`): trains, saves, merges and generates."""
+earlier LoRA adapter to continue from (`model.init_adapters`), 2 workers under ZeRO-3: trains, saves, merges
+and generates."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_extended_vocabulary_lora_stage_continuing_an_adapter(ray_cluster, input
         "run_name": "vocab-lora",
         "model": {"base": str(inputs / "base"), "init_adapters": [str(inputs / "adapter_a")]},
         "tokenizer": {"path": str(inputs / "extended")},
-        "distributed": {"num_workers": 1, "cpus_per_worker": 1, "zero_stage": 0},
+        "distributed": {"num_workers": 2, "cpus_per_worker": 1, "zero_stage": 3},  # ZeRO-3: gathered saves
         "checkpoint": {"storage_path": str(inputs / "runs")},
         "eval": {"max_batches": 2},
         "pretrain": {
