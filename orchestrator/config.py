@@ -373,18 +373,25 @@ class StorageConfig(_Section):
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings.")
 
 
-class EvalGenerationConfig(_Section):
-    """Generation parameters of the post-training evaluation (Hugging Face semantics; greedy by default)."""
+class GenerationDefaults(_Section):
+    """Generation parameters used when a request leaves them out (Hugging Face semantics)."""
 
     max_tokens: int = Field(128, gt=0, description="New tokens per answer.")
-    do_sample: bool = Field(False, description="Sample (true) or decode greedily (false, reproducible).")
-    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling, 0 = off (do_sample only).")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    do_sample: bool = Field(True, description="Sample (true) or decode greedily (false) by default.")
     num_beams: int = Field(1, ge=1, le=8, description="Beam search width (1 = off).")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1.0 = off; e.g. 1.3 against repetition.")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1.0 = off; e.g. 1.8 against repetition.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (the answer is cut before them).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (output is cut before them).")
+
+
+class EvalGenerationConfig(GenerationDefaults):
+    """Generation parameters of the post-training evaluation (Hugging Face semantics; greedy by default)."""
+
+    do_sample: bool = Field(False, description="Sample (true) or decode greedily (false, reproducible).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample only).")
     seed: Optional[int] = Field(0, description="Seed set before each generation batch (do_sample only).")
 
 
@@ -526,20 +533,6 @@ class EvalConfig(_Section):
         if repeated:
             raise ValueError(f"qa / multiple_choice: set names must be unique; repeated: {', '.join(repeated)}")
         return self
-
-
-class GenerationDefaults(_Section):
-    """Generation parameters used when a request leaves them out (Hugging Face semantics)."""
-
-    max_tokens: int = Field(128, gt=0, description="New tokens per answer.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
-    do_sample: bool = Field(True, description="Sample (true) or decode greedily (false) by default.")
-    num_beams: int = Field(1, ge=1, le=8, description="Beam search width (1 = off).")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1.0 = off; e.g. 1.8 against repetition.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (output is cut before them).")
 
 
 class AutoscalingConfig(_Section):

@@ -22,13 +22,8 @@ from orchestrator import storage
 from orchestrator.config import STAGES, PipelineConfig, s3_settings
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation.report import EvalReport, build_samples, loss_curves, write_report
-from orchestrator.evaluation.scoring import (
-    ModelScorer,
-    ScorerSettings,
-    adapter_base,
-    generation_params,
-    score_batch,
-)
+from orchestrator.evaluation.scoring import ModelScorer, ScorerSettings, generation_params, score_batch
+from orchestrator.model.export import adapter_base
 from orchestrator.evaluation.sets import describe_sets, load_eval_sets
 from orchestrator.evaluation.tasks import ModelScores, build_requests, summarise
 from orchestrator.storage import S3Settings

@@ -24,23 +24,8 @@ from orchestrator.serve.engine import AdapterEngine, HFEngine
 from orchestrator.serve.protocol import GenerationParams
 
 
-def adapter_base(model_dir: str) -> Optional[str]:
-    """The base model an adapter directory names (stages trained with prompt-style methods export an
-    adapter, not merged weights); None for a model directory."""
-    path = os.path.join(model_dir, "adapter_config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)["base_model_name_or_path"]
-
-
 def generation_params(config: EvalGenerationConfig) -> GenerationParams:
-    return GenerationParams(
-        max_new_tokens=config.max_tokens, do_sample=config.do_sample, temperature=config.temperature,
-        top_p=config.top_p, top_k=config.top_k, num_beams=config.num_beams,
-        repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
-        stop=tuple(config.stop), seed=config.seed if config.do_sample else None,
-    )
+    return GenerationParams.from_config(config, seed=config.seed)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -83,6 +84,16 @@ def _point_adapter_at_base(adapter_dir: str, base_model_uri: str) -> None:
     adapter_config["base_model_name_or_path"] = base_model_uri
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(adapter_config, handle, indent=2)
+
+
+def adapter_base(model_dir: str) -> Optional[str]:
+    """The base model an adapter directory names (stages trained with prompt-style methods export an
+    adapter, not merged weights); None for a model directory."""
+    path = os.path.join(model_dir, "adapter_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["base_model_name_or_path"]
 
 
 def _set_generation_eos(generation: Any, tokenizer: Any) -> None:

@@ -13,20 +13,18 @@ from orchestrator.model.loading import load_tokenizer
 
 def load_for_generation(model_dir: str) -> tuple[Any, Any]:
     """A model directory, or an adapter directory (prompt-style methods) on the base it names."""
-    import json
-    import os
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
-    adapter_config = os.path.join(model_dir, "adapter_config.json")
-    if os.path.exists(adapter_config):
+    from orchestrator.model.export import adapter_base
+
+    base_uri = adapter_base(model_dir)
+    if base_uri is not None:
         from peft import PeftModel
 
         from orchestrator import storage
 
-        with open(adapter_config, encoding="utf-8") as handle:
-            base_uri = json.load(handle)["base_model_name_or_path"]
         base_dir = storage.download_dir(base_uri, tempfile.mkdtemp(prefix="base-"))
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)
     else:

@@ -277,10 +277,7 @@ def load_api_keys(cfg: ServeConfig) -> list[str]:
 def serve_settings(config: PipelineConfig) -> ServeSettings:
     cfg = config.serve
     d = cfg.defaults
-    defaults = GenerationParams(max_new_tokens=d.max_tokens, do_sample=d.do_sample and d.temperature > 0,
-                                temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, num_beams=d.num_beams,
-                                repetition_penalty=d.repetition_penalty, no_repeat_ngram_size=d.no_repeat_ngram_size,
-                                stop=tuple(d.stop))
+    defaults = GenerationParams.from_config(d)
     return ServeSettings(
         model_uri=default_model_uri(config),
         served_model_name=cfg.served_model_name or config.run_name,

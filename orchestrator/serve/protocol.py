@@ -65,6 +65,15 @@ class GenerationParams:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    @classmethod
+    def from_config(cls, config: Any, seed: Optional[int] = None) -> "GenerationParams":
+        """From a `GenerationDefaults` section (serve.defaults, eval.generation); temperature 0 = greedy."""
+        do_sample = config.do_sample and config.temperature > 0
+        return cls(max_new_tokens=config.max_tokens, do_sample=do_sample, temperature=config.temperature,
+                   top_p=config.top_p, top_k=config.top_k, num_beams=config.num_beams,
+                   repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
+                   stop=tuple(config.stop), seed=seed if do_sample else None)
+
 
 @dataclass(frozen=True)
 class CompletionRequest:

@@ -161,7 +161,7 @@ def test_a_prompt_tuning_adapter_is_scored_on_the_base_it_names(random_model_dir
     from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.evaluation.scoring import adapter_base
+    from orchestrator.model.export import adapter_base
 
     tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(random_model_dir),
                            PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
