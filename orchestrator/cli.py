@@ -163,7 +163,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides) if args.config else None
         if config is not None:
-            storage.configure(s3_settings(config))
+            storage.configure(s3_settings(config.storage))
         text, ok = plan_command(config, overrides=args.overrides, stages=args.stage, preset=args.preset,
                                 model_dir=args.model_dir, tokens=int(args.tokens) if args.tokens else None,
                                 method=args.method, precision=args.precision, markdown=args.markdown)
@@ -196,7 +196,7 @@ def _vocab(args: argparse.Namespace) -> int:
     from orchestrator.config import DataSourceConfig, load_config, s3_settings
 
     if args.config:
-        storage.configure(s3_settings(load_config(args.config)))
+        storage.configure(s3_settings(load_config(args.config).storage))
     if args.action == "build":
         from orchestrator.vocab.build import VocabBuildSettings, build_domain_vocab
 
@@ -248,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
     from orchestrator.train.trainer import ensure_ray
 
     config = load_config(args.config, args.overrides)
-    storage.configure(s3_settings(config))
+    storage.configure(s3_settings(config.storage))
     ensure_ray(args.address)
     url = run_server(config, blocking=False)
     print(f"serving on {url}/v1 (Ctrl-C to stop)", flush=True)
@@ -291,7 +291,7 @@ def _list_checkpoints(args: argparse.Namespace) -> int:
     from orchestrator.train.checkpoint import list_checkpoints
 
     if args.config:
-        storage.configure(s3_settings(load_config(args.config)))
+        storage.configure(s3_settings(load_config(args.config).storage))
     infos = list_checkpoints(args.uri)
     if args.json:
         print(json.dumps([asdict(i) for i in infos], indent=1))

@@ -87,7 +87,7 @@ def score_with_ray(model: ModelSpec, requests: Sequence[dict[str, str]], config:
     cfg = config.eval
     scored = ray.data.from_items(list(requests)).map_batches(
         ModelReplica,
-        fn_constructor_kwargs={"model": model, "settings": settings, "s3": s3_settings(config),
+        fn_constructor_kwargs={"model": model, "settings": settings, "s3": s3_settings(config.storage),
                                "num_threads": int(cfg.num_cpus_per_replica),
                                "trust_remote_code": config.model.trust_remote_code},
         batch_size=cfg.batch_size,
@@ -164,7 +164,7 @@ def evaluate_models(config: PipelineConfig, models: Sequence[ModelSpec], out_uri
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique in one report, got {names}; name them with NAME=URI")
-    storage.configure(s3_settings(config))
+    storage.configure(s3_settings(config.storage))
     sets = load_eval_sets(config)
     requests = build_requests(sets)
     if requests:
@@ -201,7 +201,7 @@ def evaluate_run(config: PipelineConfig, models: Optional[Sequence[ModelSpec]] =
     given models (report in <run>/eval-<names> unless `out_uri` says otherwise)."""
     from orchestrator.train.pipeline import run_root
 
-    storage.configure(s3_settings(config))
+    storage.configure(s3_settings(config.storage))
     if models:
         curves = None
         out_uri = out_uri or storage.join(run_root(config), "eval-" + "-".join(m.name for m in models))

@@ -290,7 +290,7 @@ def serve_settings(config: PipelineConfig) -> ServeSettings:
         api_key_digests=tuple(_digest(k) for k in load_api_keys(cfg)),
         adapters=dict(cfg.adapters),
         max_adapters_per_replica=cfg.max_adapters_per_replica,
-        s3=s3_settings(config),
+        s3=s3_settings(config.storage),
     )
 
 

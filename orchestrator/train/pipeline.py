@@ -195,7 +195,7 @@ class StageInputs:
 def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
                          tokenizer_uri: Optional[str] = None) -> StageInputs:
     """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike)."""
-    storage.configure(s3_settings(config))
+    storage.configure(s3_settings(config.storage))
     check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
@@ -273,7 +273,7 @@ def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> P
 
         raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
     result = PipelineResult()
-    storage.configure(s3_settings(config))
+    storage.configure(s3_settings(config.storage))
     for swept in config.tune.stages:
         from orchestrator.tune.space import check_sweep
 

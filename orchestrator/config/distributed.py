@@ -1,0 +1,36 @@
+"""Config section: the cluster shape and DeepSpeed ZeRO settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from orchestrator.config.base import Section
+
+
+class DistributedConfig(Section):
+    """How many workers, on what hardware, with which DeepSpeed ZeRO stage."""
+
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL backend); else CPU with gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch thread count).")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources per worker, e.g. {accelerator_type:A100: 0.01}."
+    )
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 (DDP), 1, 2 or 3.")
+    offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer states in CPU memory.")
+    offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory.")
+    offload_device: Literal["cpu", "nvme"] = Field("cpu", description="Where offloaded states live.")
+    nvme_path: Optional[str] = Field(None, description="Local NVMe directory for offload_device: nvme.")
+    overlap_comm: Optional[bool] = Field(
+        None, description="ZeRO 2/3: overlap gradient reduction with backward. Default: on with GPUs, off on CPU."
+    )
+    reduce_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO 2/3: elements per gradient reduction bucket.")
+    allgather_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO 2: elements per parameter all-gather.")
+    deepspeed_config: Optional[str | dict[str, Any]] = Field(
+        None, description="DeepSpeed JSON (file path or URI, or an inline mapping) whose keys override the "
+        "generated config (deep merge; nested keys replace one by one). The merged config is logged and saved "
+        "with every checkpoint.",
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train attempts (-1 = unlimited).")
