@@ -4,12 +4,7 @@ Evaluates the run's models (or the given ones) on the config's `eval:` sets over
 writes the report. Same as `orchestrator eval`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from orchestrator.cli import main  # noqa: E402
+from entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    run("eval")

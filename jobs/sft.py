@@ -3,12 +3,7 @@
 Also runs as `python jobs/sft.py --config …` (starts a local Ray). Same as `orchestrator sft`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from orchestrator.cli import main  # noqa: E402
+from entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["sft", *sys.argv[1:]]))
+    run("sft")

@@ -19,9 +19,12 @@ from typing import Any, Optional
 
 import yaml
 
+from orchestrator.cli.parser import build_parser
+from orchestrator.config import load_config
 from orchestrator.deploy.image import ImageFacts
 from orchestrator.deploy.problems import Finding, PathPart
 from orchestrator.deploy.serve_config import serve_config_findings
+from orchestrator.errors import ConfigError
 
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 # KubeRay appends suffixes to these names for the pods' Services (63 characters at most).
@@ -217,10 +220,6 @@ def runtime_env_findings(text: Any, at: tuple[PathPart, ...]) -> list[Finding]:
 
 def entrypoint_findings(entrypoint: Any, at: tuple[PathPart, ...], root: Path) -> list[Finding]:
     """`python jobs/<job>.py --config FILE [options] [key=value ...]`, parsed by the job's own CLI, config loaded."""
-    from orchestrator.cli import build_parser
-    from orchestrator.config import load_config
-    from orchestrator.errors import ConfigError
-
     expected = "expected `python jobs/<job>.py --config FILE [key=value ...]`"
     try:
         words = shlex.split(entrypoint) if isinstance(entrypoint, str) else []

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.deploy.problems import Finding, PathPart
+from orchestrator.errors import OrchestratorError
 
 
 def serve_config_findings(text: Any, at: tuple[PathPart, ...], root: Path,
@@ -74,8 +75,6 @@ def _application_deployments(app: dict[str, Any], at: tuple[PathPart, ...], root
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
-
-    from orchestrator.errors import OrchestratorError
 
     args = dict(app.get("args") or {})
     if isinstance(args.get("config"), str):

@@ -244,7 +244,7 @@ def test_broken_cluster_configs_fail_naming_the_field(tmp_path, facts, edit, pat
 
 
 def test_cli_exit_status_says_whether_the_files_are_valid(kuberay_crds, capsys, monkeypatch):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     monkeypatch.chdir(REPO_ROOT)
     assert main(["k8s", "validate", "--crds", str(kuberay_crds), "tests/fixtures/k8s/min-above-max.yaml"]) == 1

@@ -249,7 +249,7 @@ def test_sweep_identity_ignores_what_the_sweep_does_not_train():
 def test_cli_rejects_a_bad_search_space_before_starting_ray(tmp_path, capsys):
     import ray
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(tree({"search_space": {"learning_rate": {"distribution": "loguniform",

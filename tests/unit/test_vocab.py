@@ -204,7 +204,7 @@ def test_a_directory_without_a_tokenizer_is_refused(legal_vocab, tmp_path):
 
 
 def test_cli_builds_and_merges(shared_data, tmp_path, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     legal = shared_data / "pretrain" / "legal"
     assert main(["vocab", "build", "--corpus", str(legal / "criminal_law.md"), "--text-unit", "paragraph",

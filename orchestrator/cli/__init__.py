@@ -1,0 +1,1 @@
+"""The command line: `parser` (arguments), `commands` (what each does), `main` (the entry point)."""
