@@ -46,7 +46,8 @@ def main() -> int:
     from orchestrator.config import config_from_dict
     from orchestrator.plan.planner import plan_stage
     from orchestrator.train.metrics_log import read_metrics
-    from orchestrator.train.pipeline import logs_dir, run_stage
+    from orchestrator.layout import RunLayout
+    from orchestrator.train.stage import run_stage
 
     if not torch.cuda.is_available():
         print("no GPU: this check runs on a GPU machine only")
@@ -77,7 +78,7 @@ def main() -> int:
         config = config_from_dict(tree)
         plan = plan_stage(config, "pretrain")
         run_stage(config, "pretrain")
-        windows = [r for r in read_metrics(logs_dir(config, "pretrain")) if "tokens_per_s" in r][2:]
+        windows = [r for r in read_metrics(RunLayout.of(config).logs("pretrain")) if "tokens_per_s" in r][2:]
         tokens_per_s = sorted(r["tokens_per_s"] for r in windows)[len(windows) // 2]
         measured = max(r.get("gpu_max_memory_gib", 0) for r in windows)
         flops = plan.throughput.flops_per_token

@@ -1,6 +1,6 @@
 """Measure 1: steady-state training tokens/s of our Ray Train + DeepSpeed path vs a bare PyTorch loop.
 
-Our path is `orchestrator.train.pipeline.run_stage` (1 worker, ZeRO-0 and ZeRO-2) on a tiny LLaMA,
+Our path is `orchestrator.train.stage.run_stage` (1 worker, ZeRO-0 and ZeRO-2) on a tiny LLaMA,
 stage 1 on the shared legal corpus (one document per line, blocks of 256, micro-batch 8, 2 epochs,
 a checkpoint at each epoch end). Its tokens/s come from the per-step log windows of the run's
 metrics JSONL, leaving out the first windows (worker, Ray Data and allocator start-up) and every
@@ -35,7 +35,8 @@ from orchestrator.data.prepare import PreparedData, prepare_stage_data
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
 from orchestrator.train.loop import collate
 from orchestrator.train.metrics_log import METRICS_FILE, read_metrics
-from orchestrator.train.pipeline import TrainingFailed, logs_dir, run_stage
+from orchestrator.layout import RunLayout
+from orchestrator.train.stage import TrainingFailed, run_stage
 
 log = logging.getLogger("bench.train")
 
@@ -191,7 +192,7 @@ def bare_loop_windows(config: PipelineConfig, data: PreparedData, tokenizer: Any
 
 def fit_windows(config: PipelineConfig) -> tuple[list[tuple[float, float]], dict[str, Any]]:
     """Run the stage through Ray Train + DeepSpeed; (wall, CPU) tokens/s of its steady windows, run facts."""
-    logs = logs_dir(config, "pretrain")
+    logs = RunLayout.of(config).logs("pretrain")
     with WorkerCpuClock(os.path.join(logs, METRICS_FILE)) as clock:
         result = run_stage(config, "pretrain")
     records = read_metrics(logs)

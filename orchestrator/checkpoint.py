@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from orchestrator import storage
 from orchestrator.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -121,7 +122,6 @@ class CheckpointInfo:
 
 def list_checkpoints(stage_uri: str) -> list[CheckpointInfo]:
     """Every `checkpoint_step*` directory under a stage's run path or URI, oldest first, complete or not."""
-    from orchestrator import storage
 
     groups: dict[str, dict[str, int]] = {}
     for rel, size in storage.list_files(stage_uri).items():
@@ -145,7 +145,6 @@ def check_stored_checkpoint(uri: str, files: Optional[dict[str, int]] = None
 
     `files` is its listing (relative path -> size), fetched when not given.
     """
-    from orchestrator import storage
 
     files = storage.list_files(uri) if files is None else files
     if MANIFEST not in files:

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.model.generate import generate_text, load_for_generation  # noqa: E402
 from orchestrator.train.metrics_log import read_metrics  # noqa: E402
-from orchestrator.train.pipeline import logs_dir, run_pipeline  # noqa: E402
+from orchestrator.layout import RunLayout# noqa: E402
+from orchestrator.pipeline import run_pipeline# noqa: E402
 
 
 def main() -> int:
@@ -31,7 +32,7 @@ def main() -> int:
     print("\n=== loss per epoch ===")
     print(f"{'stage':<9}{'epoch':>6}{'train_loss':>12}{'eval_loss':>11}{'eval_ppl':>10}")
     for stage in result.stages:
-        records = read_metrics(logs_dir(config, stage.stage))
+        records = read_metrics(RunLayout.of(config).logs(stage.stage))
         last_train = {}
         for record in records:
             if "train_loss" in record:

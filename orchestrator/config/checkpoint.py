@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, SecretStr
 
 from orchestrator.config.base import Section
+from orchestrator.storage import S3Settings
 
 
 class CheckpointConfig(Section):
@@ -45,10 +46,8 @@ class StorageConfig(Section):
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings.")
 
 
-def s3_settings(storage_config: StorageConfig) -> "S3Settings":
+def s3_settings(storage_config: StorageConfig) -> S3Settings:
     """The storage layer's S3 settings from the config (secrets revealed only here)."""
-    from orchestrator.storage import S3Settings
-
     s3 = storage_config.s3
 
     def reveal(secret: Optional[SecretStr]) -> Optional[str]:

@@ -26,7 +26,10 @@ from orchestrator.evaluation.scoring import ModelScorer, ScorerSettings, generat
 from orchestrator.model.export import adapter_base
 from orchestrator.evaluation.sets import describe_sets, load_eval_sets
 from orchestrator.evaluation.tasks import ModelScores, build_requests, summarise
+from orchestrator.layout import RunLayout
+from orchestrator.runtime import configure_storage, ensure_ray
 from orchestrator.storage import S3Settings
+from orchestrator.train.metrics_log import read_stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +108,19 @@ def score_with_ray(model: ModelSpec, requests: Sequence[dict[str, str]], config:
 
 def run_models(config: PipelineConfig) -> list[ModelSpec]:
     """The run's base model and each stage's final model that exists, in pipeline order."""
-    from orchestrator.train.pipeline import run_root  # the pipeline module imports this one lazily
-
-    root = run_root(config)
+    layout = RunLayout.of(config)
     if config.model.base is not None:
         models = [ModelSpec("base", config.model.base, config.tokenizer.path)]
-    elif storage.exists(storage.join(root, "base", "config.json")):
-        models = [ModelSpec("base", storage.join(root, "base"))]
+    elif storage.exists(storage.join(layout.tiny_base, "config.json")):
+        models = [ModelSpec("base", layout.tiny_base)]
     else:
         models = []
     for stage in STAGES:
-        uri = storage.join(root, "models", stage)
+        uri = layout.model(stage)
         if any(storage.exists(storage.join(uri, name)) for name in ("config.json", "adapter_config.json")):
             models.append(ModelSpec(stage, uri))
     if not models:
-        raise ConfigError(f"nothing to evaluate: no base model and no stage models under {root} "
+        raise ConfigError(f"nothing to evaluate: no base model and no stage models under {layout.root} "
                           "(run the pipeline first, or pass --model)")
     return models
 
@@ -136,14 +137,12 @@ def parse_model_arg(text: str) -> ModelSpec:
 
 def training_curves(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Stage → loss curves from the run's metrics.jsonl (stages without logs are left out)."""
-    from orchestrator.train.pipeline import read_stage_metrics
-
     curves = {}
     for stage in STAGES:
         if getattr(config, stage) is None:
             continue
         try:
-            records = read_stage_metrics(config, stage)
+            records = read_stage_metrics(RunLayout.of(config), stage)
         except FileNotFoundError:
             continue
         stage_curves = loss_curves(records)
@@ -159,12 +158,9 @@ def evaluate_models(config: PipelineConfig, models: Sequence[ModelSpec], out_uri
     The sets are read and validated before Ray is reached (the running one, else `ray_address`,
     else RAY_ADDRESS or a new local cluster).
     """
-    from orchestrator.train.trainer import ensure_ray
-
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique in one report, got {names}; name them with NAME=URI")
-    storage.configure(s3_settings(config.storage))
     sets = load_eval_sets(config)
     requests = build_requests(sets)
     if requests:
@@ -199,14 +195,13 @@ def evaluate_run(config: PipelineConfig, models: Optional[Sequence[ModelSpec]] =
                  out_uri: Optional[str] = None, ray_address: Optional[str] = None) -> EvalOutcome:
     """Evaluate a run (its base and stage models, with its loss curves; report in <run>/eval), or the
     given models (report in <run>/eval-<names> unless `out_uri` says otherwise)."""
-    from orchestrator.train.pipeline import run_root
-
-    storage.configure(s3_settings(config.storage))
+    configure_storage(config.storage)
+    layout = RunLayout.of(config)
     if models:
         curves = None
-        out_uri = out_uri or storage.join(run_root(config), "eval-" + "-".join(m.name for m in models))
+        out_uri = out_uri or layout.eval(tuple(m.name for m in models))
     else:
         models = run_models(config)
         curves = training_curves(config)
-        out_uri = out_uri or storage.join(run_root(config), "eval")
+        out_uri = out_uri or layout.eval()
     return evaluate_models(config, models, out_uri, curves, ray_address)

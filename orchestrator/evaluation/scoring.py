@@ -21,7 +21,7 @@ from orchestrator.data.pretrain import encode_texts
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation.tasks import GENERATE, LOGLIK, NLL
 from orchestrator.serve.engine import AdapterEngine, HFEngine
-from orchestrator.serve.protocol import GenerationParams
+from orchestrator.model.generation_params import GenerationParams
 
 
 def generation_params(config: EvalGenerationConfig) -> GenerationParams:

@@ -18,7 +18,7 @@ from orchestrator.config import MERGEABLE_METHODS, PROMPT_METHODS
 from orchestrator.errors import CheckpointError
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.model.peft import merge_adapter
-from orchestrator.train.checkpoint import MODEL_DIR, check_stored_checkpoint
+from orchestrator.checkpoint import MODEL_DIR, check_stored_checkpoint
 
 log = logging.getLogger(__name__)
 LINEAGE = "lineage.json"

@@ -6,8 +6,10 @@ from typing import Any, Optional
 
 import torch
 
+from orchestrator import storage
 from orchestrator.data.templates import select_template
 from orchestrator.model.embeddings import check_tokenizer_fits
+from orchestrator.model.export import adapter_base
 from orchestrator.model.loading import load_tokenizer
 
 
@@ -17,13 +19,9 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
 
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.model.export import adapter_base
-
     base_uri = adapter_base(model_dir)
     if base_uri is not None:
         from peft import PeftModel
-
-        from orchestrator import storage
 
         base_dir = storage.download_dir(base_uri, tempfile.mkdtemp(prefix="base-"))
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), model_dir)

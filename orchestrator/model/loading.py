@@ -78,7 +78,11 @@ def create_tiny_model(tiny: TinyModelConfig, tokenizer: Any, seed: int) -> Any:
 
 
 def resolve_dtype(name: str, precision: str) -> torch.dtype:
-    """Load dtype: explicit, or bfloat16 when training in bf16, else float32."""
+    """Load dtype: explicit, or bfloat16 when training in bf16, else float32.
+
+    `precision` is a resolved training precision (bf16 | fp16 | fp32) or the config's `auto`, which
+    off the workers (exports, derived bases on the driver) loads float32.
+    """
     if name == "auto":
         return torch.bfloat16 if precision == "bf16" else torch.float32
     return DTYPES[name]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import FreezeConfig, LoraConfig, TrainConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,6 @@ def merge_adapters(base_dir: str, adapter_dirs: list[str], dtype: torch.dtype = 
     from peft import PeftConfig, PeftModel
     from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM
-
-    from orchestrator.errors import CheckpointError
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     worst = 0.0

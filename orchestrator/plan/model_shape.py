@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from orchestrator.errors import ConfigError
+from orchestrator import storage
+from orchestrator.errors import ConfigError, StorageError
 
 # Module names of one decoder layer's linear layers, in forward order.
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -280,9 +281,6 @@ def shape_from_hf_config(config: dict[str, Any], name: str = "model") -> ModelSh
 
 def shape_from_model_dir(uri: str) -> ModelShape:
     """Read `<uri>/config.json` (local directory or storage URI) into a ModelShape."""
-    from orchestrator import storage
-    from orchestrator.errors import StorageError
-
     path = storage.join(uri, "config.json")
     try:
         config = json.loads(storage.read_bytes(path).decode("utf-8"))

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config import PipelineConfig, apply_overrides, config_from_dict
 from orchestrator.errors import ConfigError
 from orchestrator.plan.memory import GIB, PRECISIONS, MemoryBreakdown, estimate_memory
 from orchestrator.plan.model_shape import (
@@ -22,7 +22,6 @@ from orchestrator.plan.model_shape import (
     ModelShape,
     ParameterCounts,
     count_parameters,
-    preset_shape,
     shape_from_model_dir,
     shape_from_tiny,
 )
@@ -464,8 +463,6 @@ def default_plan_config(overrides: Optional[list[str]] = None, stages: Optional[
 
     The model section is a placeholder; pass the model's shape (a preset or a directory) separately.
     """
-    from orchestrator.config import apply_overrides, config_from_dict
-
     tree: dict = {"model": {"tiny": {}}, "tokenizer": {"train": {}}, "distributed": {"use_gpu": True}}
     for name in stages or ["sft"]:
         tree[name] = {}
@@ -535,56 +532,3 @@ def requirements_table(
             cells.append(estimate_setup(shape, setup).total)
         values.append(tuple(cells))
     return RequirementsTable(tuple(models), rows, tuple(values), seq_len, micro_batch, gradient_checkpointing)
-
-
-def plan_command(
-    config: Optional[PipelineConfig],
-    *,
-    overrides: Optional[list[str]] = None,
-    stages: Optional[list[str]] = None,
-    preset: Optional[str] = None,
-    model_dir: Optional[str] = None,
-    tokens: Optional[int] = None,
-    method: Optional[str] = None,
-    precision: Optional[str] = None,
-    markdown: bool = False,
-) -> tuple[str, bool]:
-    """What `orchestrator plan` prints, and False when a stage does not fit and `plan.strict` is on.
-
-    Without a config, a default one (GPU workers, an `sft` stage) takes `overrides`. The model is
-    `preset` or `model_dir` when given, else the config's. Each stage (default: all the config has)
-    gets a breakdown; the requirements table follows, for this model and the presets.
-    """
-    from orchestrator.plan.model_shape import PRESETS
-    from orchestrator.plan.render import render_report, render_table
-
-    if preset is not None and model_dir is not None:
-        raise ConfigError("give either --preset or --model-dir, not both")
-    if config is None:
-        if preset is None and model_dir is None:
-            raise ConfigError("nothing to plan: give --config, --preset or --model-dir")
-        config = default_plan_config(overrides, stages)
-    if preset is not None:
-        shape = preset_shape(preset)
-    elif model_dir is not None:
-        shape = shape_from_model_dir(model_dir)
-    else:
-        shape = model_shape_for(config)
-    names = stages or [name for name in ("pretrain", "sft") if getattr(config, name) is not None]
-    if not names:
-        raise ConfigError("the config has no `pretrain:` or `sft:` section to plan")
-    reports = [
-        plan_stage(config, name, shape=shape, tokens=tokens, method=method, precision=precision) for name in names
-    ]
-    columns = tuple(PRESETS.values())
-    if shape not in columns:
-        columns = (shape, *columns)
-    first = reports[0].setup
-    table = requirements_table(
-        columns, seq_len=first.seq_len, micro_batch=1, gradient_checkpointing=True,
-        lora_rank=first.method.lora_rank,
-    )
-    parts = [render_report(report, markdown=markdown) for report in reports]
-    parts.append(render_table(table, markdown=markdown))
-    ok = all(report.fits for report in reports) or not config.plan.strict
-    return "\n\n".join(parts) + "\n", ok

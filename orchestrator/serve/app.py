@@ -28,8 +28,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, ServeConfig, s3_settings
+from orchestrator.config import PipelineConfig, ServeConfig, load_config, s3_settings
 from orchestrator.errors import ConfigError
+from orchestrator.layout import RunLayout
+from orchestrator.runtime import configure_storage
 from orchestrator.serve.protocol import GenerationParams, OpenAIError, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -250,11 +252,12 @@ def default_model_uri(config: PipelineConfig) -> str:
     """serve.model, else the pipeline's final model: models/sft if it exists, else models/pretrain."""
     if config.serve.model:
         return config.serve.model
-    root = storage.join(config.checkpoint.storage_path, config.run_name, "models")
+    layout = RunLayout.of(config)
     for stage in ("sft", "pretrain"):
-        if storage.exists(storage.join(root, stage, "config.json")):
-            return storage.join(root, stage)
-    raise ConfigError(f"no model to serve: set serve.model, or train first (looked in {root}/sft and /pretrain)")
+        if storage.exists(storage.join(layout.model(stage), "config.json")):
+            return layout.model(stage)
+    raise ConfigError(f"no model to serve: set serve.model, or train first (looked in {layout.models}/sft and "
+                      "/pretrain)")
 
 
 def load_api_keys(cfg: ServeConfig) -> list[str]:
@@ -342,14 +345,13 @@ def _replica_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """For `serve run orchestrator.serve.app:app_builder config=configs/tiny.yaml [overrides=a.b=c,d.e=f]`."""
-    from orchestrator.config import load_config
-
     overrides = [o for o in args.get("overrides", "").split(",") if o]
     return build_app(load_config(args["config"], overrides))
 
 
 def run_server(config: PipelineConfig, blocking: bool = True) -> str:
     """Start Serve's HTTP proxy on serve.host:serve.port and deploy the app; returns the base URL."""
+    configure_storage(config.storage)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(build_app(config), name="orchestrator", route_prefix="/", blocking=blocking)
     return f"http://{config.serve.host}:{config.serve.port}"

@@ -8,8 +8,10 @@ Unknown request fields are ignored, as OpenAI clients send fields we do not use.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
+
+from orchestrator.model.generation_params import GenerationParams  # noqa: F401 (part of this API)
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
@@ -34,45 +36,6 @@ class OpenAIError(Exception):
 
 def invalid(param: Optional[str], message: str, code: str = "invalid_value") -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Hugging Face `generate` semantics. Requests with equal params can share a batch."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: Optional[int] = None
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "num_beams": self.num_beams,
-            "repetition_penalty": self.repetition_penalty,
-            "no_repeat_ngram_size": self.no_repeat_ngram_size,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:  # greedy/beam: leave sampling knobs unset so transformers does not warn
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-    @classmethod
-    def from_config(cls, config: Any, seed: Optional[int] = None) -> "GenerationParams":
-        """From a `GenerationDefaults` section (serve.defaults, eval.generation); temperature 0 = greedy."""
-        do_sample = config.do_sample and config.temperature > 0
-        return cls(max_new_tokens=config.max_tokens, do_sample=do_sample, temperature=config.temperature,
-                   top_p=config.top_p, top_k=config.top_k, num_beams=config.num_beams,
-                   repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
-                   stop=tuple(config.stop), seed=seed if do_sample else None)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import copy
 import json
 from typing import Any, Optional
 
+from orchestrator import storage
 from orchestrator.config import DistributedConfig, TrainConfig
 from orchestrator.errors import ConfigError
 
@@ -139,8 +140,6 @@ def load_user_deepspeed_config(value: Optional[str | dict[str, Any]]) -> Optiona
     """distributed.deepspeed_config: an inline mapping, or a JSON file (path or URI) read through storage."""
     if value is None or isinstance(value, dict):
         return value
-    from orchestrator import storage
-
     try:
         text = storage.read_bytes(value).decode("utf-8")
     except Exception as exc:

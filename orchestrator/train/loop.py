@@ -27,7 +27,7 @@ import torch
 from orchestrator import storage
 from orchestrator.config import ADAPTER_METHODS, PipelineConfig, config_from_dict
 from orchestrator.model.loading import load_tokenizer
-from orchestrator.train import checkpoint as ckpt
+from orchestrator import checkpoint as ckpt
 from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model

@@ -8,6 +8,10 @@ import shutil
 import time
 from typing import Any, Optional
 
+from orchestrator import storage
+from orchestrator.checkpoint import latest_complete_checkpoint
+from orchestrator.layout import RunLayout
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -69,3 +73,14 @@ def read_metrics(logs_dir: str) -> list[dict[str, Any]]:
     path = os.path.join(logs_dir, METRICS_FILE)
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_stage_metrics(layout: RunLayout, stage: str) -> list[dict[str, Any]]:
+    """All metric records of a stage: from the local logs, or from its latest complete checkpoint (remote)."""
+    if not layout.is_remote:
+        return read_metrics(layout.logs(stage))
+    latest = latest_complete_checkpoint(layout.stage(stage))
+    if latest is None:
+        return []
+    text = storage.read_bytes(storage.join(latest, "logs", METRICS_FILE)).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

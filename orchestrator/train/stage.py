@@ -1,38 +1,31 @@
-"""Stage 1 → merge → stage 2, with the artifacts each stage hands to the next.
+"""One stage on the cluster: its inputs (plan check, data, stage base), Ray Train, the exported model.
 
-Layout under `<checkpoint.storage_path>/<run_name>/`:
-
-    base/              the tiny base model + tokenizer (only when model.tiny is used)
-    pretrain/          Ray Train run: checkpoint_step*/ (see orchestrator.train.checkpoint)
-    sft/
-    logs/<stage>/      metrics.jsonl and TensorBoard events
-    models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained
+The paths a stage reads and writes come from `orchestrator.layout.RunLayout`; the chaining of
+stages (and sweeps, evaluation) lives above, in `orchestrator.pipeline`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, s3_settings
-from orchestrator.errors import OrchestratorError
-from orchestrator.train.checkpoint import latest_complete_checkpoint
-from orchestrator.train.metrics_log import METRICS_FILE, read_metrics
+from orchestrator.checkpoint import latest_complete_checkpoint
+from orchestrator.config import PipelineConfig
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import PreparedData, prepare_stage_data
+from orchestrator.errors import OrchestratorError
+from orchestrator.layout import RunLayout
 from orchestrator.model.export import export_model
-from orchestrator.plan.planner import check_fits
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
+from orchestrator.plan.planner import check_fits
+from orchestrator.provenance import git_revision, package_versions
+from orchestrator.runtime import configure_storage, ensure_ray
 from orchestrator.train.stage_base import prepare_stage_base
-from orchestrator.train.trainer import ensure_ray, fit_stage
+from orchestrator.train.trainer import fit_stage
 
 log = logging.getLogger(__name__)
 
@@ -74,74 +67,6 @@ class StageResult:
     wall_seconds: float
 
 
-@dataclass
-class PipelineResult:
-    stages: list[StageResult] = field(default_factory=list)
-    eval_report: Optional[str] = None  # report.md of the evaluation after training (eval.after_training)
-
-    @property
-    def final_model(self) -> str:
-        return self.stages[-1].model_uri
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for name in ("ray-llm-orchestrator", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow", "boto3"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def git_revision() -> str:
-    """The git commit of the orchestrator source, or 'unknown' (e.g. a `ray job submit` working-dir copy)."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def run_root(config: PipelineConfig) -> str:
-    return storage.join(config.checkpoint.storage_path, config.run_name)
-
-
-def logs_dir(config: PipelineConfig, stage: str) -> str:
-    """Where rank 0 writes a stage's metrics.jsonl and TensorBoard events.
-
-    Local storage: `<run>/logs/<stage>`. Remote storage: a fresh local scratch directory per
-    process; the logs travel inside every checkpoint, and a resumed run restores them from the
-    checkpoint it resumes from (see `read_stage_metrics`).
-    """
-    root = run_root(config)
-    if storage.is_remote(root):
-        run_key = hashlib.sha1(root.encode()).hexdigest()[:10]
-        return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{config.run_name}-{run_key}-{_SCRATCH_ID}",
-                            stage)
-    return storage.join(root, "logs", stage)
-
-
-_SCRATCH_ID = uuid.uuid4().hex[:12]
-
-
-def read_stage_metrics(config: PipelineConfig, stage: str) -> list[dict[str, Any]]:
-    """All metric records of a stage: from the local logs, or from its latest complete checkpoint (remote)."""
-    root = run_root(config)
-    if not storage.is_remote(root):
-        return read_metrics(logs_dir(config, stage))
-    latest = latest_complete_checkpoint(storage.join(root, stage))
-    if latest is None:
-        return []
-    text = storage.read_bytes(storage.join(latest, "logs", METRICS_FILE)).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
     """(base model URI, tokenizer URI or None = the base's own). Creates the tiny base once per run.
 
@@ -149,7 +74,7 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
     """
     if config.model.base is not None:
         return storage.join(config.model.base), config.tokenizer.path and storage.join(config.tokenizer.path)
-    base_uri = storage.join(run_root(config), "base")
+    base_uri = RunLayout.of(config).tiny_base
     if storage.exists(storage.join(base_uri, "config.json")):
         log.info("reusing the tiny base model at %s", base_uri)
         return base_uri, config.tokenizer.path and storage.join(config.tokenizer.path)
@@ -195,7 +120,6 @@ class StageInputs:
 def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
                          tokenizer_uri: Optional[str] = None) -> StageInputs:
     """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike)."""
-    storage.configure(s3_settings(config.storage))
     check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
@@ -204,7 +128,7 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
     data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
     # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
-    stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, run_root(config))
+    stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, RunLayout.of(config))
     return StageInputs(stage_base.config, stage_base.model_uri, tokenizer_uri, data, stage_base.lineage)
 
 
@@ -212,16 +136,18 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
     """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
     started = time.perf_counter()
+    configure_storage(config.storage)
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
     config, data = inputs.config, inputs.data
+    layout = RunLayout.of(config)
     ensure_ray(ray_address)
     try:
-        outcome = fit_stage(config, stage, data, inputs.base_model, inputs.tokenizer_uri, run_root(config),
-                            logs_dir(config, stage))
+        outcome = fit_stage(config, stage, data, inputs.base_model, inputs.tokenizer_uri, layout.root,
+                            layout.logs(stage))
     except OrchestratorError:
         raise
     except Exception as exc:
-        raise TrainingFailed(stage, storage.join(run_root(config), stage), exc) from exc
+        raise TrainingFailed(stage, layout.stage(stage), exc) from exc
     model_uri = export_stage_model(config, stage, outcome.checkpoint_path, outcome.metrics, data.stats,
                                    inputs.base_model, inputs.tokenizer_uri, extra_lineage=inputs.lineage)
     wall = time.perf_counter() - started
@@ -234,7 +160,6 @@ def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, 
                        extra_lineage: Optional[dict[str, Any]] = None) -> str:
     """The stage's final model in `models/<stage>/`, with lineage.json saying where it came from."""
     train_cfg = config.stage(stage).train
-    precision = "bf16" if train_cfg.precision == "bf16" else "fp32"
     lineage = {
         "stage": stage,
         "tokenizer": tokenizer_uri,
@@ -247,47 +172,5 @@ def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_lineage or {}),
     }
-    return export_model(checkpoint_uri, base_model, train_cfg.method, storage.join(run_root(config), "models", stage),
-                        resolve_dtype(config.model.dtype, precision), lineage)
-
-
-def _train_stage(config: PipelineConfig, stage: str, base_model: Optional[str], tokenizer_uri: Optional[str],
-                 ray_address: Optional[str]) -> StageResult:
-    """A stage as the config asks: swept (tune.stages), trained with its sweep's best settings
-    (tune.reuse_best), or trained as configured."""
-    if stage in config.tune.stages:
-        from orchestrator.tune.sweep import run_sweep_stage  # imported here: it imports this module
-
-        return run_sweep_stage(config, stage, base_model, tokenizer_uri, ray_address)
-    if stage in config.tune.reuse_best:
-        from orchestrator.tune.results import config_with_best
-
-        config = config_with_best(config, stage)
-    return run_stage(config, stage, base_model, tokenizer_uri, ray_address)
-
-
-def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> PipelineResult:
-    """Stage 1 (if configured), then stage 2 (if configured) starting from stage 1's merged model."""
-    if config.pretrain is None and config.sft is None:
-        from orchestrator.errors import ConfigError
-
-        raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
-    result = PipelineResult()
-    storage.configure(s3_settings(config.storage))
-    for swept in config.tune.stages:
-        from orchestrator.tune.space import check_sweep
-
-        check_sweep(config, swept)  # a bad stage-2 search space fails before stage 1 trains
-    base_model, tokenizer_uri = materialize_base(config)
-    if config.pretrain is not None:
-        stage1 = _train_stage(config, "pretrain", base_model, tokenizer_uri, ray_address)
-        result.stages.append(stage1)
-        # Stage 2 starts from stage 1's merged model, which carries the tokenizer.
-        base_model, tokenizer_uri = stage1.model_uri, None
-    if config.sft is not None:
-        result.stages.append(_train_stage(config, "sft", base_model, tokenizer_uri, ray_address))
-    if config.eval.after_training:
-        from orchestrator.evaluation.runner import evaluate_run  # imported here: it imports this module
-
-        result.eval_report = evaluate_run(config, ray_address=ray_address).files["report.md"]
-    return result
+    return export_model(checkpoint_uri, base_model, train_cfg.method, RunLayout.of(config).model(stage),
+                        resolve_dtype(config.model.dtype, train_cfg.precision), lineage)

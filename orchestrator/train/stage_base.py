@@ -29,6 +29,7 @@ from typing import Any, Optional
 from orchestrator import storage
 from orchestrator.config import PROMPT_METHODS, PipelineConfig
 from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.layout import RunLayout
 from orchestrator.model.embeddings import PAD_TO_MULTIPLE_OF, check_extends, check_tokenizer_fits, extend_embeddings
 from orchestrator.model.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
@@ -49,19 +50,19 @@ class StageBase:
     lineage: dict[str, Any]
 
 
-def configured_base_uri(config: PipelineConfig, run_root: str) -> str:
+def configured_base_uri(config: PipelineConfig, layout: RunLayout) -> str:
     """The base a run starts from: `model.base`, or the tiny base under the run."""
-    return storage.join(config.model.base) if config.model.base is not None else storage.join(run_root, "base")
+    return storage.join(config.model.base) if config.model.base is not None else layout.tiny_base
 
 
 def prepare_stage_base(config: PipelineConfig, stage: str, base_model: str, tokenizer_uri: str,
-                       run_root: str) -> StageBase:
+                       layout: RunLayout) -> StageBase:
     """The stage's base and effective config (see the module docstring).
 
     `model.init_adapters` apply to the stage that starts from the configured base; a stage that
     starts from stage 1's model finds them merged in already (its `resume_adapter` is switched off).
     """
-    first_stage = base_model == configured_base_uri(config, run_root)
+    first_stage = base_model == configured_base_uri(config, layout)
     if config.model.init_adapters and not first_stage:
         log.info("%s starts from %s, which already holds model.init_adapters; nothing is merged or resumed here",
                  stage, base_model)
@@ -85,7 +86,7 @@ def prepare_stage_base(config: PipelineConfig, stage: str, base_model: str, toke
                               f"{len(tokenizer) - len(base_tokenizer)} new tokens would never leave their initial "
                               "values; use lora or adalora (they train embed_tokens and lm_head alongside), freeze "
                               "or full")
-        target = storage.join(run_root, f"{stage}-base")
+        target = layout.stage_base(stage)
         recipe = {"base": base_model, "init_adapters": to_merge, "tokenizer": tokenizer_uri,
                   "tokenizer_tokens": len(tokenizer), "pad_to_multiple_of": PAD_TO_MULTIPLE_OF}
         record = read_derived_record(target)
@@ -110,8 +111,7 @@ def derive_base(config: PipelineConfig, stage: str, base_model: str, to_merge: l
     """Merge `to_merge` into the base, grow the vocabulary, save to `target` with the record written last."""
     from orchestrator.model.peft import merge_adapters
 
-    precision = "bf16" if config.stage(stage).train.precision == "bf16" else "fp32"
-    dtype = resolve_dtype(config.model.dtype, precision)
+    dtype = resolve_dtype(config.model.dtype, config.stage(stage).train.precision)
     base_dir = storage.download_dir(base_model, os.path.join(tmp, "base"))
     base_rows = _config_rows(base_dir)
     merge_diff = None

@@ -22,25 +22,13 @@ import yaml
 from orchestrator import storage
 from orchestrator.config import PipelineConfig, apply_overrides, config_from_dict
 from orchestrator.errors import ConfigError
+from orchestrator.layout import RunLayout
 from orchestrator.tune.space import trial_config, trial_overrides
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 BEST_CONFIG = "best_config.yaml"
 SWEEP_RECORD = "sweep.json"
-TRIALS_DIR = "trials"
-
-
-def sweep_uri(config: PipelineConfig, stage: str) -> str:
-    """Where the sweep of `stage` keeps its state and results."""
-    from orchestrator.train.pipeline import run_root
-
-    return storage.join(run_root(config), "tune", stage)
-
-
-def trial_root(sweep: str, trial_id: str) -> str:
-    """Run root of one trial's Ray Train run (its checkpoints are under `<root>/<stage>/`)."""
-    return storage.join(sweep, TRIALS_DIR, trial_id)
 
 
 @dataclass
@@ -117,7 +105,7 @@ def best_config_tree(config: PipelineConfig, stage: str, params: dict[str, Any])
 def write_results(config: PipelineConfig, stage: str, rows: list[TrialRow], best: TrialRow,
                   sweep_wall_s: float) -> dict[str, str]:
     """Write results.csv, results.json and best_config.yaml into the sweep directory; their URIs by name."""
-    sweep = sweep_uri(config, stage)
+    sweep = RunLayout.of(config).sweep(stage)
     metric = config.tune.metric
     summary = {
         "stage": stage,
@@ -145,9 +133,9 @@ def write_results(config: PipelineConfig, stage: str, rows: list[TrialRow], best
 
 def read_results(config: PipelineConfig, stage: str) -> dict[str, Any]:
     """results.json of `stage`'s finished sweep; a ConfigError saying what to run when there is none."""
-    uri = storage.join(sweep_uri(config, stage), RESULTS_JSON)
+    uri = storage.join(RunLayout.of(config).sweep(stage), RESULTS_JSON)
     if not storage.exists(uri):
-        raise ConfigError(f"tune.reuse_best names {stage}, but no finished sweep is at {sweep_uri(config, stage)}; "
+        raise ConfigError(f"tune.reuse_best names {stage}, but no finished sweep is at {RunLayout.of(config).sweep(stage)}; "
                           f"run `orchestrator tune --stage {stage}` with this run_name and storage first")
     return json.loads(storage.read_bytes(uri).decode("utf-8"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,22 +19,16 @@ from orchestrator import storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import CheckpointError, ConfigError, DataError
-from orchestrator.train.checkpoint import CheckpointInfo, list_checkpoints
-from orchestrator.train.pipeline import (
-    StageResult,
-    export_stage_model,
-    prepare_stage_inputs,
-    run_root,
-)
-from orchestrator.train.trainer import ensure_ray
+from orchestrator.checkpoint import CheckpointInfo, list_checkpoints
+from orchestrator.layout import RunLayout
+from orchestrator.runtime import configure_storage, ensure_ray_with_dashboard
+from orchestrator.train.stage import StageResult, export_stage_model, prepare_stage_inputs
 from orchestrator.tune.results import (
     SWEEP_RECORD,
     TrialRow,
     changed_keys,
     pick_best,
     sweep_identity,
-    sweep_uri,
-    trial_root,
     write_results,
 )
 from orchestrator.tune.space import (
@@ -71,38 +64,20 @@ class SweepResult:
         return self.best.checkpoint
 
 
-def connect_ray(address: Optional[str] = None) -> None:
-    """Connect to Ray for a sweep; a local cluster started here runs the dashboard.
-
-    When ASHA stops a trial, Ray Train removes that trial's placement group through the State API,
-    which needs the dashboard; without it the group leaks and later trials starve.
-    RAY_API_SERVER_ADDRESS tells Ray's processes where the API server is.
-    """
-    import ray
-
-    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
-        ensure_ray(address)
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
-
-
 def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> SweepResult:
     """Sweep `stage` as `config.tune` says; a second call with the same run_name and storage resumes it."""
     started = time.perf_counter()
+    configure_storage(config.storage)
     check_sweep(config, stage)
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)  # as for a plain run of the stage
     data = inputs.data
     if data.eval is None:
         raise DataError(f"{stage}: the held-out set is empty (e.g. shorter than one block), so trials cannot be "
                         f"ranked by {config.tune.metric}; raise {stage}.data.eval_split or set eval_sources")
-    sweep = sweep_uri(config, stage)
+    sweep = RunLayout.of(config).sweep(stage)
     _record_sweep(config, stage, sweep)
-    connect_ray(ray_address)
+    ensure_ray_with_dashboard(ray_address)
     tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep)
     grid = tuner.fit()
     rows = sorted((_row(result, config, stage, sweep) for result in grid), key=lambda row: row.trial_id)
@@ -149,10 +124,10 @@ def _tuner(config: PipelineConfig, stage: str, data: PreparedData, base_model: s
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, config=config, stage=stage, data=data, base_model=base_model,
-                             tokenizer=tokenizer_uri, sweep=sweep, s3_settings=storage.current_settings()),
+                             tokenizer=tokenizer_uri, layout=RunLayout.of(config), s3_settings=storage.current_settings()),
         TRIAL_FUNCTION_RESOURCES,
     )
-    storage_path, filesystem = storage.ray_storage(storage.join(run_root(config), "tune"))
+    storage_path, filesystem = storage.ray_storage(RunLayout.of(config).tune)
     experiment = f"{storage_path}/{stage}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("%s sweep: resuming the interrupted sweep in %s", stage, sweep)
@@ -233,7 +208,7 @@ def _row(result: Any, config: PipelineConfig, stage: str, sweep: str) -> TrialRo
     reported = set()
     if history is not None and "checkpoint_path" in history:
         reported = {storage.to_uri(path, filesystem) for path in history["checkpoint_path"].dropna()}
-    checkpoints = [info for info in list_checkpoints(storage.join(trial_root(sweep, trial_id), stage))
+    checkpoints = [info for info in list_checkpoints(RunLayout.of(config).trial(stage, trial_id).stage(stage))
                    if info.complete and info.uri in reported]
     planned_epochs = trial_config(config, stage, params).stage(stage).train.epochs
     trained_to_end = any(info.epoch == planned_epochs for info in checkpoints)

@@ -9,14 +9,13 @@ object store.
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
 from orchestrator.train.trainer import fit_stage
-from orchestrator.tune.results import trial_root
+from orchestrator.layout import RunLayout
 from orchestrator.tune.space import trial_config
 
 # What the trial function itself holds while its Train workers do the work. Tune gives it 1 CPU by
@@ -27,7 +26,7 @@ TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, data: PreparedData,
-                base_model: str, tokenizer: str, sweep: str, s3_settings: storage.S3Settings) -> None:
+                base_model: str, tokenizer: str, layout: RunLayout, s3_settings: storage.S3Settings) -> None:
     """Train `stage` with `params` applied; a rerun of the same trial (restored sweep) resumes its checkpoints."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -35,8 +34,6 @@ def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, d
     storage.configure(s3_settings)
     trial_id = tune.get_context().get_trial_id()
     trial = trial_config(config, stage, params)
-    root = trial_root(sweep, trial_id)
-    # Remote storage: logs travel inside the checkpoints, written from a local scratch directory.
-    logs = (tempfile.mkdtemp(prefix=f"orchestrator-logs-{trial_id}-") if storage.is_remote(root)
-            else storage.join(root, "logs", stage))
-    fit_stage(trial, stage, data, base_model, tokenizer, root, logs, callbacks=[TuneReportCallback()])
+    trial_layout = layout.trial(stage, trial_id)  # a run of its own: tune/<stage>/trials/<id>/
+    fit_stage(trial, stage, data, base_model, tokenizer, trial_layout.root, trial_layout.logs(stage),
+              callbacks=[TuneReportCallback()])

@@ -17,7 +17,7 @@ from orchestrator import storage
 from orchestrator.config import TinyModelConfig, config_from_dict
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
 from orchestrator.train.metrics_log import MetricsLog, read_metrics
-from orchestrator.train.pipeline import logs_dir, run_root
+from orchestrator.layout import RunLayout
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def eval_tree(tmp_path: Path, shared: Path) -> dict:
 def write_stage_logs(config, stage: str, steps: int) -> list[dict]:
     """metrics.jsonl as the training loop writes it: eval before training, train loss every 2 steps,
     eval at each of two epoch ends."""
-    logs = MetricsLog(logs_dir(config, stage), stage)
+    logs = MetricsLog(RunLayout.of(config).logs(stage), stage)
     logs.write(0, {"epoch": 0, "eval_loss": 8.8, "eval_perplexity": 6600.0, "eval_tokens": 512})
     for step in range(2, steps + 1, 2):
         epoch = 1 if step <= steps // 2 else 2
@@ -73,7 +73,7 @@ def write_stage_logs(config, stage: str, steps: int) -> list[dict]:
             logs.write(step, {"epoch": epoch, "step": step, "tokens_per_s_run": 900.0, "eval_loss": 8.0 - 0.2 * step,
                               "eval_perplexity": 100.0, "eval_tokens": 512})
     logs.close()
-    return read_metrics(logs_dir(config, stage))
+    return read_metrics(RunLayout.of(config).logs(stage))
 
 
 def save_model(tokenizer, directory: str, seed: int) -> None:
@@ -89,7 +89,7 @@ def run_dir(tmp_path_factory, shared_data):
     tmp_path = tmp_path_factory.mktemp("evalrun")
     config = config_from_dict(eval_tree(tmp_path, shared_data))
     tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "minimind"))
-    root = run_root(config)
+    root = RunLayout.of(config).root
     for seed, sub in enumerate(["base", "models/pretrain", "models/sft"]):
         save_model(tokenizer, storage.join(root, sub), seed)
     records = {"pretrain": write_stage_logs(config, "pretrain", 12), "sft": write_stage_logs(config, "sft", 8)}
@@ -104,7 +104,7 @@ def test_run_report_has_every_metric_for_every_model_and_valid_loss_plots(ray_cl
 
     tmp_path, config, records = run_dir
     outcome = evaluate_run(config)
-    out = Path(run_root(config)) / "eval"
+    out = Path(RunLayout.of(config).root) / "eval"
     assert outcome.out_uri == str(out)
     assert list(outcome.metrics) == ["base", "pretrain", "sft"]
     for model, metrics in outcome.metrics.items():
@@ -146,7 +146,7 @@ def test_run_report_has_every_metric_for_every_model_and_valid_loss_plots(ray_cl
 def test_cli_evaluates_a_model_from_s3_and_writes_the_report_to_s3(ray_cluster, run_dir, s3_server, tmp_path):
     from s3_support import ACCESS_KEY, REGION, SECRET_KEY
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     _, config, _ = run_dir
     tree = config.model_dump(mode="json")
@@ -156,7 +156,7 @@ def test_cli_evaluates_a_model_from_s3_and_writes_the_report_to_s3(ray_cluster, 
     config_file = tmp_path / "eval.yaml"
     config_file.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     client = s3_server.client()
-    sft_dir = Path(run_root(config)) / "models" / "sft"
+    sft_dir = Path(RunLayout.of(config).root) / "models" / "sft"
     for path in sft_dir.iterdir():
         client.upload_file(str(path), "orchestrator-test", f"models/sft/{path.name}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train.checkpoint import latest_complete_checkpoint
+from orchestrator.checkpoint import latest_complete_checkpoint
 from ray_head import BIN, running_ray_head
 
 pytestmark = pytest.mark.integration

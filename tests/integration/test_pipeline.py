@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from orchestrator.config import config_from_dict
-from orchestrator.train.checkpoint import TRAINER_STATE, latest_complete_checkpoint, verify_checkpoint
+from orchestrator.checkpoint import TRAINER_STATE, latest_complete_checkpoint, verify_checkpoint
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.pipeline import logs_dir, run_pipeline, run_root, run_stage
+from orchestrator.layout import RunLayout
+from orchestrator.pipeline import run_pipeline
+from orchestrator.train.stage import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +62,7 @@ def sft_section(shared: Path, method: str, **train) -> dict:
 
 
 def eval_losses(config, stage: str) -> list[float]:
-    records = read_metrics(logs_dir(config, stage))
+    records = read_metrics(RunLayout.of(config).logs(stage))
     evals = [r for r in records if "eval_loss" in r]
     return [r["eval_loss"] for r in sorted(evals, key=lambda r: (r["step"], r["epoch"]))]
 
@@ -91,7 +93,7 @@ def test_pipeline_lora_then_full_under_zero3(ray_cluster, tmp_path, shared_data)
         losses = eval_losses(config, stage)
         assert len(losses) == 3, losses  # before training + 2 epochs
         assert losses[-1] < losses[0], f"{stage}: eval loss did not fall: {losses}"
-        assert len(generate_tokens(os.path.join(run_root(config), "models", stage))) == 6
+        assert len(generate_tokens(os.path.join(RunLayout.of(config).root, "models", stage))) == 6
 
     # ZeRO-3 LoRA checkpoint: the adapter holds the real gathered tensors, and they were trained.
     stage1 = result.stages[0]
@@ -103,7 +105,7 @@ def test_pipeline_lora_then_full_under_zero3(ray_cluster, tmp_path, shared_data)
     assert any(t.abs().sum() > 0 for t in lora_b), "LoRA B matrices are still zero: nothing was saved/trained"
 
     # The exported stage-1 model equals base + adapter.
-    base_dir = os.path.join(run_root(config), "base")
+    base_dir = os.path.join(RunLayout.of(config).root, "base")
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                           os.path.join(stage1.checkpoint_uri, "model")).eval()
     merged = AutoModelForCausalLM.from_pretrained(stage1.model_uri).eval()
@@ -125,13 +127,13 @@ def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_da
                                                      "train": {**tree["pretrain"]["train"], "fail_at_step": 3}}})
     with pytest.raises(Exception, match="fault injection"):
         run_stage(failing, "pretrain")
-    stage_dir = os.path.join(run_root(failing), "pretrain")
+    stage_dir = os.path.join(RunLayout.of(failing).root, "pretrain")
     first = latest_complete_checkpoint(stage_dir)
     assert first is not None and first.endswith("checkpoint_step00000002")
 
     config = config_from_dict(tree)
     result = run_stage(config, "pretrain")
-    records = read_metrics(logs_dir(config, "pretrain"))
+    records = read_metrics(RunLayout.of(config).logs("pretrain"))
     resumed = [i for i, r in enumerate(records) if r.get("event") == "resumed"]
     assert len(resumed) == 1 and records[resumed[0]]["step"] == 2
     steps_after = [r["step"] for r in records[resumed[0]:] if "train_loss" in r]
@@ -148,7 +150,7 @@ def test_worker_failure_restarts_automatically(ray_cluster, tmp_path, shared_dat
     tree["checkpoint"]["every_n_steps"] = 2
     config = config_from_dict(tree)
     result = run_stage(config, "sft")
-    records = read_metrics(logs_dir(config, "sft"))
+    records = read_metrics(RunLayout.of(config).logs("sft"))
     assert [r["step"] for r in records if r.get("event") == "resumed"] == [2]
     losses = eval_losses(config, "sft")
     assert losses[-1] < losses[0], losses

@@ -8,9 +8,10 @@ import os
 import pytest
 
 from orchestrator.config import config_from_dict
-from orchestrator.train.checkpoint import DEEPSPEED_CONFIG, TRAINER_STATE, latest_complete_checkpoint
+from orchestrator.checkpoint import DEEPSPEED_CONFIG, TRAINER_STATE, latest_complete_checkpoint
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.pipeline import TrainingFailed, logs_dir, run_root, run_stage
+from orchestrator.layout import RunLayout
+from orchestrator.train.stage import TrainingFailed, run_stage
 from test_pipeline import make_config, sft_section
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def test_two_workers_checkpoint_then_one_worker_continues(ray_cluster, tmp_path,
 
     config = config_from_dict(one_worker)
     result = run_stage(config, "sft")
-    records = read_metrics(logs_dir(config, "sft"))
+    records = read_metrics(RunLayout.of(config).logs("sft"))
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [two_worker_steps]
     after = [r["step"] for r in records if "train_loss" in r and r["step"] > two_worker_steps]
@@ -46,4 +47,4 @@ def test_two_workers_checkpoint_then_one_worker_continues(ray_cluster, tmp_path,
         final = json.load(handle)
     assert final["epoch"] == 2 and final["global_step"] == after[-1] > two_worker_steps
     assert final["global_step"] - two_worker_steps >= 2 * two_worker_steps - 1
-    assert latest_complete_checkpoint(os.path.join(run_root(config), "sft")) == result.checkpoint_uri
+    assert latest_complete_checkpoint(os.path.join(RunLayout.of(config).root, "sft")) == result.checkpoint_uri

@@ -19,8 +19,10 @@ from orchestrator import storage
 from orchestrator.config import DataConfig, DataSourceConfig, config_from_dict
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.model.loading import load_tokenizer
-from orchestrator.train.checkpoint import latest_complete_checkpoint, list_checkpoints
-from orchestrator.train.pipeline import read_stage_metrics, run_stage
+from orchestrator.checkpoint import latest_complete_checkpoint, list_checkpoints
+from orchestrator.layout import RunLayout
+from orchestrator.train.metrics_log import read_stage_metrics
+from orchestrator.train.stage import run_stage
 from s3_support import ACCESS_KEY, REGION, SECRET_KEY, FaultyProxy
 
 pytestmark = pytest.mark.integration
@@ -62,7 +64,7 @@ def upload_legal_data(s3_server, shared: Path) -> str:
 
 
 def final_eval_loss(config) -> float:
-    records = read_stage_metrics(config, "pretrain")
+    records = read_stage_metrics(RunLayout.of(config), "pretrain")
     return [r["eval_loss"] for r in records if "eval_loss" in r][-1]
 
 
@@ -183,7 +185,7 @@ def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_serve
         stop.set()
         killer.join(timeout=10)
     assert killed, "no worker was killed"
-    records = read_stage_metrics(config, "pretrain")
+    records = read_stage_metrics(RunLayout.of(config), "pretrain")
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 4
     steps_after = [r["step"] for r in records[records.index(resumed[0]):] if "train_loss" in r]
@@ -219,5 +221,5 @@ def test_interrupted_checkpoint_upload_is_never_taken_as_latest(ray_cluster, s3_
     tree["storage"]["s3"]["endpoint_url"] = s3_server.endpoint
     config = config_from_dict(tree)
     run_stage(config, "pretrain")
-    resumed = [r for r in read_stage_metrics(config, "pretrain") if r.get("event") == "resumed"]
+    resumed = [r for r in read_stage_metrics(RunLayout.of(config), "pretrain") if r.get("event") == "resumed"]
     assert resumed and resumed[-1]["step"] == latest_step

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestrator.config import config_from_dict
-from orchestrator.train.pipeline import run_stage
+from orchestrator.train.stage import run_stage
 from s3_support import free_port
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from orchestrator.config import config_from_dict, load_config
-from orchestrator.train.checkpoint import verify_checkpoint
+from orchestrator.checkpoint import verify_checkpoint
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.pipeline import run_pipeline, run_root
+from orchestrator.layout import RunLayout
+from orchestrator.pipeline import run_pipeline
 from orchestrator.tune.results import TrialRow, config_with_best, format_table, sweep_uri, trial_root
 from orchestrator.tune.sweep import run_sweep
 from s3_support import ACCESS_KEY, REGION, SECRET_KEY, free_port
@@ -132,7 +133,7 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
     trial_losses = [r["eval_loss"] for r in read_metrics(os.path.join(trial_root(sweep, best["trial_id"]),
                                                                       "logs", "pretrain")) if "eval_loss" in r]
     run_pipeline(reuse)
-    rerun_losses = [r["eval_loss"] for r in read_metrics(os.path.join(run_root(config), "logs", "pretrain"))
+    rerun_losses = [r["eval_loss"] for r in read_metrics(os.path.join(RunLayout.of(config).root, "logs", "pretrain"))
                     if "eval_loss" in r]
     assert len(rerun_losses) == best["params"]["epochs"]
     assert rerun_losses[:len(trial_losses)] == pytest.approx(trial_losses, rel=1e-4)

@@ -16,7 +16,8 @@ from orchestrator.config import DataSourceConfig, TinyModelConfig, config_from_d
 from orchestrator.model.embeddings import padded_rows
 from orchestrator.model.generate import generate_text, load_for_generation
 from orchestrator.model.loading import create_tiny_model, load_causal_lm, load_tokenizer
-from orchestrator.train.pipeline import run_root, run_stage
+from orchestrator.layout import RunLayout
+from orchestrator.train.stage import run_stage
 from orchestrator.train.stage_base import DERIVED_BASE_RECORD
 from orchestrator.vocab.build import VocabBuildSettings, build_domain_vocab
 from orchestrator.vocab.merge import merge_vocabulary
@@ -77,7 +78,7 @@ def test_extended_vocabulary_lora_stage_continuing_an_adapter(ray_cluster, input
     assert tokens > 7000 and rows % 64 == 0
 
     # The derived base: A merged in (init_adapters), the vocabulary grown, written once under the run.
-    derived = Path(run_root(config)) / "pretrain-base"
+    derived = Path(RunLayout.of(config).root) / "pretrain-base"
     record = json.loads((derived / DERIVED_BASE_RECORD).read_text())
     assert record["embedding_rows"] == rows and record["vocabulary"]["tokens"] == tokens
     base = load_causal_lm(str(inputs / "base"), torch.float32).state_dict()
@@ -150,12 +151,12 @@ def test_vocabulary_and_derived_base_on_s3(s3_server, inputs, shared_data):
         "checkpoint": {"storage_path": f"{root}/runs"},
         "pretrain": {"data": {"sources": [{"path": "unused"}]}, "train": {"method": "adalora"}},
     })
-    stage_base = prepare_stage_base(config, "pretrain", f"{root}/base", f"{root}/extended", run_root(config))
+    stage_base = prepare_stage_base(config, "pretrain", f"{root}/base", f"{root}/extended", RunLayout.of(config))
     assert stage_base.model_uri == f"{root}/runs/s3-vocab/pretrain-base"
     assert stage_base.config.pretrain.train.lora.modules_to_save == ["embed_tokens", "lm_head"]
     keys = set(storage.list_files(stage_base.model_uri))
     assert {"model.safetensors", "tokenizer.json", DERIVED_BASE_RECORD} <= keys
-    again = prepare_stage_base(config, "pretrain", f"{root}/base", f"{root}/extended", run_root(config))
+    again = prepare_stage_base(config, "pretrain", f"{root}/base", f"{root}/extended", RunLayout.of(config))
     assert again.lineage == stage_base.lineage
 
     model = load_causal_lm(str(inputs / "base"), torch.float32)

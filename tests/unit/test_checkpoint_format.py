@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orchestrator.errors import CheckpointError
-from orchestrator.train.checkpoint import (
+from orchestrator.checkpoint import (
     MANIFEST,
     TrainerState,
     checkpoint_dir_name,

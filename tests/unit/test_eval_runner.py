@@ -8,7 +8,7 @@ from orchestrator.config import config_from_dict
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation.runner import ModelSpec, parse_model_arg, run_models, training_curves
 from orchestrator.train.metrics_log import MetricsLog
-from orchestrator.train.pipeline import logs_dir
+from orchestrator.layout import RunLayout
 
 
 def _config(tmp_path, **model) -> object:
@@ -40,7 +40,7 @@ def test_model_arguments_with_and_without_a_name():
 
 def test_training_curves_come_from_each_stage_metrics_log(tmp_path):
     config = _config(tmp_path)
-    logs = MetricsLog(logs_dir(config, "pretrain"), "pretrain")
+    logs = MetricsLog(RunLayout.of(config).logs("pretrain"), "pretrain")
     logs.write(0, {"epoch": 0, "eval_loss": 3.0})
     logs.write(5, {"train_loss": 2.5, "epoch": 1, "step": 5})
     logs.write(5, {"epoch": 1, "step": 5, "eval_loss": 2.0})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.config import load_config
-from orchestrator.train.pipeline import materialize_base
+from orchestrator.train.stage import materialize_base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

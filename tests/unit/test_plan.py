@@ -22,11 +22,11 @@ from orchestrator.plan.memory import (
     model_state_bytes,
 )
 from orchestrator.plan.model_shape import LAYER_LINEARS, MethodSpec, ModelShape, count_parameters, preset_shape
+from orchestrator.plan.command import plan_command
 from orchestrator.plan.planner import (
     TrainingSetup,
     check_fits,
     estimate_setup,
-    plan_command,
     plan_stage,
     plan_training,
     requirements_table,

@@ -15,6 +15,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.model.loading import create_tiny_model, load_causal_lm, load_tokenizer
 from orchestrator.model.peft import merge_adapters
 from orchestrator.train.model_setup import build_training_model
+from orchestrator.layout import RunLayout
 from orchestrator.train.stage_base import DERIVED_BASE_RECORD, prepare_stage_base
 from orchestrator.vocab.merge import merge_vocabulary
 
@@ -56,9 +57,8 @@ def make_config(root: Path, run: str, tokenizer: str, method: str = "lora", **mo
 
 
 def prepare(config, stage: str = "pretrain", base=None):
-    root = os.path.join(config.checkpoint.storage_path, config.run_name)
     base = base or config.model.base
-    return prepare_stage_base(config, stage, base, config.tokenizer.path or base, root)
+    return prepare_stage_base(config, stage, base, config.tokenizer.path or base, RunLayout.of(config))
 
 
 def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
