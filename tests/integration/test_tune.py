@@ -24,7 +24,7 @@ from orchestrator.checkpoint import verify_checkpoint
 from orchestrator.train.metrics_log import read_metrics
 from orchestrator.layout import RunLayout
 from orchestrator.pipeline import run_pipeline
-from orchestrator.tune.results import TrialRow, config_with_best, format_table, sweep_uri, trial_root
+from orchestrator.tune.results import TrialRow, config_with_best, format_table
 from orchestrator.tune.sweep import run_sweep
 from s3_support import ACCESS_KEY, REGION, SECRET_KEY, free_port
 
@@ -92,7 +92,8 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
     started = time.perf_counter()
     result = run_pipeline(config)
     sweep_wall = time.perf_counter() - started
-    sweep = sweep_uri(config, "pretrain")
+    layout = RunLayout.of(config)
+    sweep = layout.sweep("pretrain")
     summary = json.loads(Path(sweep, "results.json").read_text())
     with open(Path(sweep, "results.csv"), newline="") as handle:
         table = list(csv.DictReader(handle))
@@ -130,10 +131,9 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
                                                                "reuse_best": ["pretrain"]}})
     assert config_with_best(reuse, "pretrain").pretrain == written.pretrain
 
-    trial_losses = [r["eval_loss"] for r in read_metrics(os.path.join(trial_root(sweep, best["trial_id"]),
-                                                                      "logs", "pretrain")) if "eval_loss" in r]
+    trial_losses = [r["eval_loss"] for r in read_metrics(layout.trial("pretrain", best["trial_id"]).logs("pretrain")) if "eval_loss" in r]
     run_pipeline(reuse)
-    rerun_losses = [r["eval_loss"] for r in read_metrics(os.path.join(RunLayout.of(config).root, "logs", "pretrain"))
+    rerun_losses = [r["eval_loss"] for r in read_metrics(layout.logs("pretrain"))
                     if "eval_loss" in r]
     assert len(rerun_losses) == best["params"]["epochs"]
     assert rerun_losses[:len(trial_losses)] == pytest.approx(trial_losses, rel=1e-4)
