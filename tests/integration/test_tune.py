@@ -146,7 +146,10 @@ def _experiment_state_statuses(client, prefix: str) -> dict[str, str]:
     states = sorted(o["Key"] for o in listing if o["Key"].rsplit("/", 1)[-1].startswith("experiment_state"))
     if not states:
         return {}
-    body = json.loads(client.get_object(Bucket=BUCKET, Key=states[-1])["Body"].read())
+    try:
+        body = json.loads(client.get_object(Bucket=BUCKET, Key=states[-1])["Body"].read())
+    except json.JSONDecodeError:  # read while Tune overwrote it (moto serves the object as it is replaced)
+        return {}
     trials = [json.loads(state) for state, _ in body["trial_data"]]
     return {trial["trial_id"]: trial["status"] for trial in trials}
 
