@@ -18,7 +18,7 @@ from orchestrator.data.batching import (
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
-from orchestrator.train.loop import schedule_for, train_loop_per_worker
+from orchestrator.train.recipe import schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from orchestrator.data.batching import (
     padding_efficiency,
     prebatch_table,
 )
-from orchestrator.train.loop import schedule_for
+from orchestrator.train.recipe import schedule_for
 
 
 def test_every_example_lands_in_exactly_one_micro_batch_of_similar_length():

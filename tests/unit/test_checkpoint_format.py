@@ -23,7 +23,7 @@ from orchestrator.checkpoint import (
     write_manifest,
     write_trainer_state,
 )
-from orchestrator.train.loop import IGNORE_INDEX, collate, schedule_for
+from orchestrator.train.recipe import IGNORE_INDEX, collate, schedule_for
 
 
 def _make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
