@@ -10,7 +10,7 @@ Data: the shared medical SFT file (alpaca records) with the minimind tokenizer, 
   `prebatch_table`) when `data.group_by_length` is on and the library has it, else rows in their
   prepared order — vs the same examples in random micro-batches padded to the longest.
 
-Every batch goes through `orchestrator.train.loop.collate`, the function that pads for training;
+Every batch goes through `orchestrator.train.recipe.collate`, the function that pads for training;
 the share is attention-mask ones over mask size. Repetitions vary the seed; medians are reported.
 """
 
@@ -30,7 +30,7 @@ from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.data.pretrain import tokenize_documents
 from orchestrator.model.loading import load_tokenizer
-from orchestrator.train.loop import collate
+from orchestrator.train.recipe import collate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZER = SHARED / "tokenizers" / "minimind"

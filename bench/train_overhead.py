@@ -33,7 +33,7 @@ from rows import Row, median
 from orchestrator.config import PipelineConfig, config_from_dict
 from orchestrator.data.prepare import PreparedData, prepare_stage_data
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
-from orchestrator.train.loop import collate
+from orchestrator.train.recipe import collate
 from orchestrator.train.metrics_log import METRICS_FILE, read_metrics
 from orchestrator.layout import RunLayout
 from orchestrator.train.stage import TrainingFailed, run_stage

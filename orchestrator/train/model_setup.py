@@ -7,14 +7,14 @@ import tempfile
 from typing import Any, Optional
 
 from orchestrator import storage
-from orchestrator.config import ADAPTER_METHODS, PipelineConfig, TrainConfig
+from orchestrator.config import ADAPTER_METHODS, ModelConfig, TrainConfig
 from orchestrator.model.loading import align_vocab, load_causal_lm, resolve_dtype
 from orchestrator.model.peft import apply_method
 
 log = logging.getLogger(__name__)
 
 
-def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: str, tokenizer: Any,
+def build_training_model(model_config: ModelConfig, train: TrainConfig, model_dir: str, tokenizer: Any,
                          tokenizer_dir: str, precision: str, total_steps: int,
                          checkpoint_model_dir: Optional[str] = None) -> Any:
     """Load the base (or, with `checkpoint_model_dir`, a checkpoint's saved weights) and apply the method.
@@ -26,8 +26,8 @@ def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: 
     """
     is_adapter = train.method in ADAPTER_METHODS
     weights_dir = checkpoint_model_dir if checkpoint_model_dir is not None and not is_adapter else model_dir
-    model = load_causal_lm(weights_dir, resolve_dtype(config.model.dtype, precision),
-                           config.model.attn_implementation, config.model.trust_remote_code)
+    model = load_causal_lm(weights_dir, resolve_dtype(model_config.dtype, precision),
+                           model_config.attn_implementation, model_config.trust_remote_code)
     align_vocab(model, tokenizer)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -38,8 +38,8 @@ def build_training_model(config: PipelineConfig, train: TrainConfig, model_dir: 
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, checkpoint_model_dir, is_trainable=True)
-    if config.model.resume_adapter:
-        return load_trainable_adapter(model, config.model.init_adapters[-1])
+    if model_config.resume_adapter:
+        return load_trainable_adapter(model, model_config.init_adapters[-1])
     return apply_method(model, train, total_steps, tokenizer_dir)
 
 

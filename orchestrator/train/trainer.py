@@ -18,7 +18,7 @@ from orchestrator.data.batching import (
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
-from orchestrator.train.loop import schedule_for, train_loop_per_worker
+from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ def ensure_ray(address: Optional[str] = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
+
+
+def _length_grouped(stage: str, table: Any, micro_batch_size: int, seed: int) -> Any:
+    """One row per length-grouped micro-batch; Ray Data shards and shuffles whole micro-batches."""
+    lengths = lengths_of(table)
+    batches = group_by_length(lengths, micro_batch_size, seed)
+    log.info("%s: %d length-grouped micro-batches, %.1f%% real tokens (consecutive batches: %.1f%%)", stage,
+             len(batches), 100 * padding_efficiency(lengths, batches),
+             100 * padding_efficiency(lengths, consecutive_batches(len(lengths), micro_batch_size)))
+    return prebatch_table(table, batches)
 
 
 @dataclass(frozen=True)
@@ -62,20 +72,15 @@ def fit_stage(
     train_table, rows_per_batch = data.train, train_cfg.micro_batch_size
     prebatched = stage == "sft" and stage_cfg.data.group_by_length
     if prebatched:
-        # One row per length-grouped micro-batch; Ray Data shards and shuffles whole micro-batches.
-        lengths = lengths_of(data.train)
-        batches = group_by_length(lengths, train_cfg.micro_batch_size, stage_cfg.data.shuffle_seed)
-        log.info("%s: %d length-grouped micro-batches, %.1f%% real tokens (consecutive batches: %.1f%%)", stage,
-                 len(batches), 100 * padding_efficiency(lengths, batches),
-                 100 * padding_efficiency(lengths, consecutive_batches(len(lengths), train_cfg.micro_batch_size)))
-        train_table, rows_per_batch = prebatch_table(data.train, batches), 1
+        train_table = _length_grouped(stage, data.train, train_cfg.micro_batch_size, stage_cfg.data.shuffle_seed)
+        rows_per_batch = 1
     # Batch arithmetic and the user's DeepSpeed JSON are checked here, before any worker starts.
     deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
     build_deepspeed_config(train_cfg, dist, dist.num_workers,
                            resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
     accumulation = train_cfg.accumulation_steps(dist.num_workers)
     schedule = schedule_for(train_table.num_rows, dist.num_workers, rows_per_batch, accumulation, train_cfg.epochs)
-    if schedule["steps_per_epoch"] == 0:
+    if schedule.steps_per_epoch == 0:
         raise DataError(
             f"{stage}: {data.train.num_rows} training examples are too few for one optimizer step with "
             f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
@@ -88,24 +93,27 @@ def fit_stage(
     if data.eval is not None:
         datasets["eval"] = ray.data.from_arrow(data.eval)
     storage_path, filesystem = storage.ray_storage(run_root)
-    # Credentials travel through the object store, never in the (possibly persisted) loop config.
-    s3_settings_ref = ray.put(storage.current_settings())
+    plan = WorkerPlan(
+        stage=stage,
+        model=config.model,
+        train=train_cfg,
+        distributed=dist,
+        checkpoint=config.checkpoint,
+        eval=config.eval,
+        base_model=base_model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        stage_uri=storage.join(run_root, stage),
+        logs_dir=logs_dir,
+        logs_into_checkpoints=storage.is_remote(run_root),
+        has_eval=data.eval is not None,
+        prebatched=prebatched,
+        deepspeed_user_config=deepspeed_user_config,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "stage": stage,
-            "base_model": base_model,
-            "tokenizer": tokenizer,
-            "schedule": schedule,
-            "has_eval": data.eval is not None,
-            "prebatched": prebatched,
-            "logs_dir": logs_dir,
-            "logs_into_checkpoints": storage.is_remote(run_root),
-            "s3_settings": s3_settings_ref,
-            "stage_uri": storage.join(run_root, stage),
-            "deepspeed_user_config": deepspeed_user_config,
-        },
+        # Credentials travel through the object store, never in the (possibly persisted) loop config.
+        train_loop_config={"plan": plan, "storage_settings": ray.put(storage.current_settings())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=dist.num_workers,
             use_gpu=dist.use_gpu,

@@ -47,7 +47,7 @@ def _train_cases(loop_config: dict) -> None:
     from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype
     from orchestrator.model.peft import apply_method
     from orchestrator.train.deepspeed_config import build_deepspeed_config
-    from orchestrator.train.loop import save_hf_model
+    from orchestrator.train.recipe import save_hf_model
     from orchestrator.train.model_setup import adalora_update
 
     context = ray.train.get_context()

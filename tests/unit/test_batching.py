@@ -10,7 +10,7 @@ from orchestrator.data.batching import (
     padding_efficiency,
     prebatch_table,
 )
-from orchestrator.train.loop import schedule_for
+from orchestrator.train.recipe import schedule_for
 
 
 def test_every_example_lands_in_exactly_one_micro_batch_of_similar_length():
@@ -38,4 +38,4 @@ def test_prebatch_table_holds_one_micro_batch_per_row():
     assert grouped.column("input_ids").to_pylist() == [[[4, 5, 6], [1, 2]], [[3]]]
     assert grouped.column("labels").to_pylist() == [[[-100, 5, 6], [-100, 2]], [[3]]]
     # the schedule then counts micro-batches: 2 rows, 1 worker, 1 row per micro-batch
-    assert schedule_for(2, 1, 1, 1, 3)["total_steps"] == 6
+    assert schedule_for(2, 1, 1, 1, 3).total_steps == 6

@@ -23,7 +23,7 @@ from orchestrator.checkpoint import (
     write_manifest,
     write_trainer_state,
 )
-from orchestrator.train.loop import IGNORE_INDEX, collate, schedule_for
+from orchestrator.train.recipe import IGNORE_INDEX, Schedule, collate, schedule_for
 
 
 def _make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -137,11 +137,11 @@ def test_latest_complete_checkpoint_none(tmp_path):
 
 def test_schedule_for_arithmetic():
     # 103 rows over 2 workers: 51 each → 12 micro-batches of 4 → 4 steps of 3, all 12 used
-    assert schedule_for(103, 2, 4, 3, 2) == {"micro_batches_per_epoch": 12, "steps_per_epoch": 4, "total_steps": 8}
+    assert schedule_for(103, 2, 4, 3, 2) == Schedule(micro_batches_per_epoch=12, steps_per_epoch=4, total_steps=8)
     # 100 rows, 1 worker, micro 8: 12 micro-batches, accumulation 5 → 2 steps, 10 micro-batches used
-    assert schedule_for(100, 1, 8, 5, 3) == {"micro_batches_per_epoch": 10, "steps_per_epoch": 2, "total_steps": 6}
-    assert schedule_for(3, 4, 1, 1, 10) == {"micro_batches_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0}
-    assert schedule_for(64, 2, 4, 1, 1) == {"micro_batches_per_epoch": 8, "steps_per_epoch": 8, "total_steps": 8}
+    assert schedule_for(100, 1, 8, 5, 3) == Schedule(micro_batches_per_epoch=10, steps_per_epoch=2, total_steps=6)
+    assert schedule_for(3, 4, 1, 1, 10) == Schedule(micro_batches_per_epoch=0, steps_per_epoch=0, total_steps=0)
+    assert schedule_for(64, 2, 4, 1, 1) == Schedule(micro_batches_per_epoch=8, steps_per_epoch=8, total_steps=8)
 
 
 def _ragged(rows):

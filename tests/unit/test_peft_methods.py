@@ -12,7 +12,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.model.loading import create_tiny_model
 from orchestrator.model.peft import apply_method, check_mergeable
 from orchestrator.checkpoint import TrainerState
-from orchestrator.train.loop import continue_with_new_world_size
+from orchestrator.train.recipe import continue_with_new_world_size
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
 

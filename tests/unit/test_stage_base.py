@@ -124,7 +124,7 @@ def test_continuing_from_a_lora_gives_base_plus_both_deltas(workspace, tmp_path)
     train = stage_base.config.pretrain.train
     assert train.lora.modules_to_save == []  # same vocabulary: only the adapter trains
     tokenizer = load_tokenizer(stage_base.model_uri)
-    model = build_training_model(stage_base.config, train, stage_base.model_uri, tokenizer, stage_base.model_uri,
+    model = build_training_model(stage_base.config.model, train, stage_base.model_uri, tokenizer, stage_base.model_uri,
                                  "fp32", total_steps=3)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     torch.manual_seed(1)
@@ -152,7 +152,7 @@ def test_resume_adapter_keeps_training_the_last_adapter(workspace):
     assert stage_base.model_uri == str(workspace / "base")  # nothing to merge, nothing grows
     assert stage_base.config.model.resume_adapter is True
     tokenizer = load_tokenizer(str(workspace / "base"))
-    model = build_training_model(stage_base.config, stage_base.config.pretrain.train, str(workspace / "base"),
+    model = build_training_model(stage_base.config.model, stage_base.config.pretrain.train, str(workspace / "base"),
                                  tokenizer, str(workspace / "base"), "fp32", total_steps=3)
     saved = load_file(workspace / "adapter_a" / "adapter_model.safetensors")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -193,7 +193,7 @@ def test_tied_embeddings_stay_one_trained_matrix(workspace, shared_data, tmp_pat
     config = make_config(workspace, "tied", str(workspace / "extended"))
     config = config.model_copy(update={"model": config.model.model_copy(update={"base": str(tmp_path / "tied")})})
     stage_base = prepare(config)
-    model = build_training_model(stage_base.config, stage_base.config.pretrain.train, stage_base.model_uri,
+    model = build_training_model(stage_base.config.model, stage_base.config.pretrain.train, stage_base.model_uri,
                                  load_tokenizer(stage_base.model_uri), stage_base.model_uri, "fp32", total_steps=1)
     inner = model.base_model.model
     embedding = inner.model.embed_tokens.modules_to_save["default"].weight

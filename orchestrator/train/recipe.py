@@ -1,0 +1,542 @@
+"""The worker recipe: what every Ray Train worker runs for one stage, top to bottom.
+
+`train_loop_per_worker` (the function Ray Train starts) unpacks the typed `WorkerPlan` the driver
+built (orchestrator.train.trainer) and hands it to `run_recipe` with a `RayTrainContext`; a test hands
+`run_recipe` a `LocalTrainContext` instead and no Ray is started. `WorkerRecipe` has one method per
+step: `setup` (runtime, tokenizer, model + DeepSpeed engine, resume), `train_epoch` (micro-batches of
+this worker's shard with gradient accumulation; DeepSpeed steps the optimizer, warm-up + schedule and
+clipping), `evaluate`, `save_checkpoint` (reported through the context; Ray merges the ranks' parts)
+and `cleanup`. Window counters live in a `StepMeter`; training progress is the checkpoint's
+`TrainerState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator import storage
+from orchestrator.config import (
+    ADAPTER_METHODS,
+    CheckpointConfig,
+    DistributedConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from orchestrator.model.loading import load_tokenizer
+from orchestrator import checkpoint as ckpt
+from orchestrator.train.context import RayTrainContext, TrainContext
+from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from orchestrator.train.metrics_log import MetricsLog
+from orchestrator.train.model_setup import adalora_update, build_training_model
+
+log = logging.getLogger("orchestrator.train")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Micro-batches per epoch per worker, optimizer steps per epoch and in total."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def schedule_for(rows: int, world_size: int, micro_batch_size: int, accumulation: int, epochs: int) -> Schedule:
+    """Micro-batches per epoch per worker (a whole number of optimizer steps) and optimizer steps in total.
+
+    Ray Data's equal split gives every worker rows // world_size rows; partial micro-batches and
+    partial accumulation windows at the end of an epoch are dropped so every epoch ends on an
+    optimizer step and every worker runs the same number of collectives.
+    """
+    micro = (rows // world_size) // micro_batch_size
+    steps_per_epoch = micro // accumulation
+    return Schedule(micro_batches_per_epoch=steps_per_epoch * accumulation, steps_per_epoch=steps_per_epoch,
+                    total_steps=steps_per_epoch * epochs)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker needs for one stage; built on the driver, pickled to every worker.
+
+    Only the config sections the worker reads travel (no storage credentials: those go through the
+    object store, see orchestrator.train.trainer).
+    """
+
+    stage: str
+    model: ModelConfig
+    train: TrainConfig
+    distributed: DistributedConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    base_model: str  # URI of the weights to start from
+    tokenizer: str  # URI of the tokenizer directory
+    schedule: Schedule
+    stage_uri: str  # where this stage's checkpoints live (resume falls back to the newest complete one)
+    logs_dir: str
+    logs_into_checkpoints: bool  # remote storage: the logs travel inside each checkpoint
+    has_eval: bool
+    prebatched: bool  # every row of the train shard already is a micro-batch (length-grouped stage 2)
+    deepspeed_user_config: Optional[dict[str, Any]] = None
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad a numpy batch of token lists to its longest row; labels default to the inputs (stage 1)."""
+    rows = batch["input_ids"]
+    labels = batch.get("labels")
+    longest = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    label_ids = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, row in enumerate(rows):
+        n = len(row)
+        input_ids[i, :n] = row
+        label_ids[i, :n] = row if labels is None else labels[i]
+        mask[i, :n] = 1
+    return {
+        "input_ids": torch.from_numpy(input_ids).to(device),
+        "attention_mask": torch.from_numpy(mask).to(device),
+        "labels": torch.from_numpy(label_ids).to(device),
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _make_scheduler(optimizer: Any, name: str, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: torch.device,
+             prebatched: bool) -> Iterator[dict]:
+    """This worker's micro-batches for one epoch, shuffled with `seed`.
+
+    `prebatched`: every row already is a micro-batch (length-grouped stage 2 data).
+    """
+    rows = 1 if prebatched else micro_batch_size
+    for batch in shard.iter_batches(
+        batch_size=rows,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=max(rows * 16, 256),
+        local_shuffle_seed=seed,
+    ):
+        if prebatched:
+            batch = {name: list(column[0]) for name, column in batch.items()}
+        yield collate(batch, pad_id, device)
+
+
+def evaluate(engine: Any, eval_data: Any, micro_batch_size: int, pad_id: int, device: torch.device,
+             max_batches: Optional[int]) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity on the held-out set (every worker sees all of it)."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(eval_data.iter_batches(batch_size=micro_batch_size, batch_format="numpy")):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = collate(batch, pad_id, device)
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if count == 0:
+                continue
+            loss_sum += float(engine(**batch).loss.float()) * count
+            tokens += count
+    engine.train()
+    if tokens == 0:
+        return {}
+    loss = loss_sum / tokens
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, rank: int, is_adapter: bool) -> None:
+    """Hugging Face directory of the current weights: the whole model, or the peft adapter.
+
+    ZeRO-3 keeps only a shard of every parameter per rank, so a plain save_pretrained would write
+    empty placeholders. Full weights: DeepSpeed's consolidated state dict (gathered to rank 0 one
+    module at a time, so no rank ever holds two full copies). Adapters: the trainable tensors are
+    gathered (collective) around peft's save_pretrained. Every rank must call this.
+    """
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3 and not is_adapter:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # rank 0 gets the tensors, others {}
+        if rank == 0:
+            module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    elif zero_stage == 3:
+        trainable = [param for param in module.parameters() if param.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if rank == 0:
+                module.save_pretrained(out_dir, safe_serialization=True)
+    elif rank == 0:
+        module.save_pretrained(out_dir, safe_serialization=True)
+    if rank == 0:
+        tokenizer.save_pretrained(out_dir)
+
+
+def continue_with_new_world_size(saved: ckpt.TrainerState, micro_batches_per_epoch: int,
+                                 accumulation: int) -> ckpt.TrainerState:
+    """Where to continue when the worker count changed: same epoch and step counter, the same share of
+    the epoch done (rounded down to a whole optimizer step of the new micro-batch count)."""
+    done = saved.micro_step_in_epoch / saved.micro_batches_per_epoch if saved.micro_batches_per_epoch else 0.0
+    position = int(done * micro_batches_per_epoch) // accumulation * accumulation
+    return ckpt.TrainerState(epoch=saved.epoch, micro_step_in_epoch=position, global_step=saved.global_step,
+                             metrics=dict(saved.metrics), micro_batches_per_epoch=micro_batches_per_epoch)
+
+
+@dataclass
+class StepMeter:
+    """Loss and tokens since the last logged step (the window), and tokens of the whole run."""
+
+    loss_sum: float = 0.0
+    micro_batches: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    run_tokens: int = 0
+    run_started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum += loss
+        self.micro_batches += 1
+        self.tokens += tokens
+        self.run_tokens += tokens
+
+    def take_window(self) -> dict[str, float]:
+        """Mean loss and token throughput of the window over all ranks (collective); starts a new window."""
+        counts = torch.tensor([self.tokens, self.loss_sum, self.micro_batches], dtype=torch.float64)
+        dist.all_reduce(counts)
+        elapsed = time.perf_counter() - self.started
+        self.loss_sum, self.micro_batches, self.tokens = 0.0, 0, 0
+        self.started = time.perf_counter()
+        return {"train_loss": counts[1].item() / max(counts[2].item(), 1), "tokens_per_s": counts[0].item() / elapsed}
+
+    def run_tokens_per_s(self, world_size: int) -> float:
+        return self.run_tokens * world_size / max(time.perf_counter() - self.run_started, 1e-9)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A local copy of the checkpoint to continue from."""
+
+    root: str
+    source: str  # where it came from (URI or Ray's checkpoint path)
+    world_size: int  # workers that wrote it
+
+
+def _format(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+class WorkerRecipe:
+    """One worker's run of one stage; `run_recipe` calls the steps in order."""
+
+    def __init__(self, plan: WorkerPlan, context: TrainContext):
+        self.plan, self.context = plan, context
+        self.rank, self.world = context.world_rank, context.world_size
+        self.cache = tempfile.mkdtemp(prefix="orchestrator-model-")
+        self.logs = MetricsLog(plan.logs_dir if self.rank == 0 else None, plan.stage)
+        self.accumulation = plan.train.accumulation_steps(self.world)
+        warmup_steps = plan.train.warmup_steps
+        self.warmup = (warmup_steps if warmup_steps is not None
+                       else math.ceil(plan.train.warmup_ratio * plan.schedule.total_steps))
+        self.is_adapter = plan.train.method in ADAPTER_METHODS
+        self.eval_batch = plan.eval.micro_batch_size or plan.train.micro_batch_size
+        self.meter = StepMeter()
+        self.engine: Any = None
+
+    # --- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Runtime, tokenizer, model + engine, then the resume (which decides how the model is built)."""
+        plan = self.plan
+        self._setup_runtime()
+        model_dir = storage.download_dir(plan.base_model, os.path.join(self.cache, "base"))
+        tokenizer_dir = storage.download_dir(plan.tokenizer, os.path.join(self.cache, "tokenizer"))
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        with contextlib.ExitStack() as stack:  # a checkpoint Ray downloaded lives until the engine loaded it
+            resume = self._find_resume_point(stack)
+            new_world = resume is not None and resume.world_size != self.world
+            self.engine, self.ds_config = self._setup_engine(model_dir, tokenizer_dir,
+                                                             resume.root if new_world else None)
+            self.state = self._resume(resume, new_world)
+        self.resumed_from = resume.source if resume is not None else None
+        self.train_shard = self.context.get_dataset_shard("train")
+        self.eval_data = self.context.get_dataset_shard("eval") if plan.has_eval else None
+        self.checkpoint_extra = {
+            "stage": plan.stage, "method": plan.train.method, "zero_stage": plan.distributed.zero_stage,
+            "world_size": self.world, "precision": self.precision, "base_model": plan.base_model,
+            "deepspeed_config": self.ds_config,
+        }
+        if self.rank == 0:
+            log.info("%s: %d workers, precision %s, ZeRO-%d, %d optimizer steps (%d per epoch), warmup %d, "
+                     "DeepSpeed config %s", plan.stage, self.world, self.precision, plan.distributed.zero_stage,
+                     plan.schedule.total_steps, plan.schedule.steps_per_epoch, self.warmup, json.dumps(self.ds_config))
+        if self.resumed_from is not None:
+            self.logs.write(self.state.global_step, {"event": "resumed", "resumed_from": self.resumed_from})
+
+    def _setup_runtime(self) -> None:
+        """Threads, device, precision ("bf16 where the hardware has it"), seeds."""
+        train, use_gpu = self.plan.train, self.plan.distributed.use_gpu
+        torch.set_num_threads(max(1, int(self.plan.distributed.cpus_per_worker)))
+        self.device = self.context.device()
+        self.precision = resolve_precision(train.precision, use_gpu, use_gpu and torch.cuda.is_bf16_supported())
+        _seed_everything(train.seed)
+
+    def _setup_engine(self, model_dir: str, tokenizer_dir: str, weights_from: Optional[str]) -> tuple[Any, dict]:
+        """The model (+ method), wrapped in DeepSpeed. `weights_from`: a checkpoint whose weights to load."""
+        import deepspeed
+
+        plan = self.plan
+        model = build_training_model(plan.model, plan.train, model_dir, self.tokenizer, tokenizer_dir, self.precision,
+                                     plan.schedule.total_steps,
+                                     os.path.join(weights_from, ckpt.MODEL_DIR) if weights_from else None)
+        ds_config = build_deepspeed_config(plan.train, plan.distributed, self.world, self.precision,
+                                           plan.deepspeed_user_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=_param_groups(model, plan.train.weight_decay),
+            config=ds_config,
+            lr_scheduler=partial(_make_scheduler, name=plan.train.schedule, warmup=self.warmup,
+                                 total=plan.schedule.total_steps),
+            dist_init_required=False,
+        )
+        if plan.train.torch_compile:
+            engine.compile(backend=plan.train.torch_compile_backend)
+        return engine, ds_config
+
+    # --- resume ------------------------------------------------------------------------------------
+    def _find_resume_point(self, stack: contextlib.ExitStack) -> Optional[ResumePoint]:
+        """The checkpoint to resume from, or None for a fresh start.
+
+        The runtime's own record first; when it has none (its record can miss a checkpoint that finished
+        uploading just before a crash, or the job was resubmitted), the newest manifest-verified
+        checkpoint in storage, which is the ground truth.
+        """
+        checkpoint = self.context.get_checkpoint()
+        if checkpoint is not None:
+            root = stack.enter_context(checkpoint.as_directory())
+            source = checkpoint.path
+        else:
+            source = ckpt.latest_complete_checkpoint(self.plan.stage_uri)
+            if source is None:
+                return None
+            root = storage.download_dir(source, os.path.join(self.cache, "resume"))
+        manifest = ckpt.verify_checkpoint(root)
+        resume = ResumePoint(root, source, int(manifest.get("world_size") or self.world))
+        if resume.world_size != self.world and self.plan.checkpoint.on_world_size_change == "fail":
+            raise ckpt.CheckpointError(
+                f"{source} was written by {resume.world_size} workers and this run has {self.world}; "
+                "set checkpoint.on_world_size_change=reload_weights to continue from its weights with a fresh "
+                f"optimizer, or run with distributed.num_workers={resume.world_size}"
+            )
+        return resume
+
+    def _resume(self, resume: Optional[ResumePoint], new_world: bool) -> ckpt.TrainerState:
+        """Training progress: fresh, the checkpoint's (engine, RNG, state), or its share of the epoch at a new
+        world size (weights only; the schedule continues, optimizer moments start afresh)."""
+        per_epoch = self.plan.schedule.micro_batches_per_epoch
+        if resume is None:
+            return ckpt.TrainerState(micro_batches_per_epoch=per_epoch)
+        if new_world:
+            state = continue_with_new_world_size(ckpt.read_trainer_state(resume.root), per_epoch, self.accumulation)
+            for _ in range(state.global_step):
+                self.engine.lr_scheduler.step()
+            if self.rank == 0:
+                log.warning("%s: checkpoint %s was written by %d workers, this run has %d: continuing from its "
+                            "weights with a FRESH optimizer state at step %d (epoch %d, micro-batch %d of %d)",
+                            self.plan.stage, resume.source, resume.world_size, self.world, state.global_step,
+                            state.epoch + 1, state.micro_step_in_epoch, per_epoch)
+        else:
+            load_path, client = self.engine.load_checkpoint(os.path.join(resume.root, ckpt.DEEPSPEED_DIR),
+                                                            tag=ckpt.DEEPSPEED_TAG,
+                                                            load_module_strict=not self.is_adapter)
+            if load_path is None:
+                raise ckpt.CheckpointError(f"{resume.root}: DeepSpeed found no engine state to resume from")
+            ckpt.load_rng(resume.root, self.rank)
+            state = ckpt.TrainerState(**client["trainer_state"])
+            state.micro_batches_per_epoch = per_epoch
+        if self.plan.logs_into_checkpoints:
+            self.logs.restore_from(resume.root)
+        log.info("resumed from %s at epoch %d, step %d", resume.source, state.epoch, state.global_step)
+        return state
+
+    # --- train -------------------------------------------------------------------------------------
+    def evaluate_at_start(self) -> None:
+        """The baseline in the logs (not on resume)."""
+        if self.eval_data is None or not self.plan.eval.at_start or self.resumed_from is not None:
+            return
+        initial = self.evaluate()
+        self.logs.write(0, {"epoch": 0, **initial})
+        if self.rank == 0:
+            log.info("%s before training: %s", self.plan.stage, _format(initial))
+
+    def start_training(self) -> None:
+        self.engine.train()
+        self.meter = StepMeter()  # the run's throughput counts from the first step, not from setup
+
+    def train_epoch(self, epoch: int) -> None:
+        """This worker's micro-batches of `epoch`, skipping those a resumed checkpoint already trained."""
+        state, per_epoch = self.state, self.plan.schedule.micro_batches_per_epoch
+        skip = state.micro_step_in_epoch if epoch == state.epoch else 0
+        batches = _batches(self.train_shard, self.plan.train.micro_batch_size, self.plan.train.seed + epoch,
+                           self.tokenizer.pad_token_id, self.device, self.plan.prebatched)
+        for micro, batch in enumerate(batches):
+            if micro >= per_epoch:
+                break
+            if micro < skip:
+                continue
+            optimizer_step = (micro + 1) % self.accumulation == 0
+            self._train_micro_batch(batch, optimizer_step)
+            if optimizer_step:
+                state.global_step += 1
+                state.epoch, state.micro_step_in_epoch = epoch, micro + 1
+                self._after_optimizer_step(end_of_epoch=micro + 1 == per_epoch)
+
+    def _train_micro_batch(self, batch: dict[str, torch.Tensor], optimizer_step: bool) -> None:
+        engine = self.engine
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        if self.plan.train.method == "adalora" and optimizer_step:
+            # before step(), which clears the gradients AdaLoRA reads
+            adalora_update(engine.module, self.state.global_step, self.plan.distributed.zero_stage)
+        engine.step()  # DeepSpeed steps the optimizer and schedule only at the end of an accumulation window
+        self.meter.add(float(loss.detach().float()), int(batch["attention_mask"].sum()))
+
+    def _after_optimizer_step(self, end_of_epoch: bool) -> None:
+        """Log the window, checkpoint every N steps, inject a fault when asked."""
+        plan, step, epoch = self.plan, self.state.global_step, self.state.epoch
+        if step % plan.train.log_every_n_steps == 0 or step == plan.schedule.total_steps:
+            window = self.meter.take_window()
+            metrics = {"train_loss": window["train_loss"], "learning_rate": self.engine.get_lr()[0],
+                       "tokens_per_s": window["tokens_per_s"], "epoch": epoch + 1, "step": step}
+            if self.device.type == "cuda":
+                metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.logs.write(step, metrics)
+            if self.rank == 0:
+                log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f", plan.stage, epoch + 1,
+                         plan.train.epochs, step, plan.schedule.total_steps, metrics["train_loss"],
+                         metrics["learning_rate"], metrics["tokens_per_s"])
+        every_n = plan.checkpoint.every_n_steps
+        if every_n and step % every_n == 0 and not (end_of_epoch and plan.checkpoint.at_epoch_end):
+            # Every checkpoint carries an eval loss: Ray keeps the best N by it.
+            metrics = {"step": step, "epoch": epoch + 1}
+            if self.eval_data is not None:
+                metrics.update(self.evaluate())
+                self.logs.write(step, metrics)
+            self.save_checkpoint(metrics)
+        if plan.train.fail_at_step is not None and step == plan.train.fail_at_step:
+            raise RuntimeError(f"fault injection: train.fail_at_step={step} reached (testing aid)")
+
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate, log, and report: with a checkpoint at epoch ends (and always after the last epoch)."""
+        plan, state = self.plan, self.state
+        state.epoch, state.micro_step_in_epoch = epoch + 1, 0
+        metrics = {"epoch": epoch + 1, "step": state.global_step,
+                   "tokens_per_s_run": self.meter.run_tokens_per_s(self.world)}
+        if self.eval_data is not None:
+            metrics.update(self.evaluate())
+        self.logs.write(state.global_step, metrics)
+        if self.rank == 0:
+            log.info("%s epoch %d/%d done: %s", plan.stage, epoch + 1, plan.train.epochs, _format(metrics))
+        if plan.checkpoint.at_epoch_end or epoch + 1 == plan.train.epochs:
+            self.save_checkpoint(metrics)
+        else:
+            state.metrics = metrics
+            self.context.report(metrics)
+
+    # --- evaluate ----------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.engine, self.eval_data, self.eval_batch, self.tokenizer.pad_token_id, self.device,
+                        self.plan.eval.max_batches)
+
+    # --- save --------------------------------------------------------------------------------------
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Write this rank's part of a checkpoint into a temp dir and report it (Ray merges the ranks' dirs)."""
+        state, rank, engine = self.state, self.rank, self.engine
+        state.metrics = metrics
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            save_hf_model(engine, self.tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), self.plan.distributed.zero_stage,
+                          rank, self.is_adapter)
+            engine.save_checkpoint(
+                os.path.join(tmp, ckpt.DEEPSPEED_DIR),
+                tag=ckpt.DEEPSPEED_TAG,
+                client_state={"trainer_state": asdict(state)},
+                exclude_frozen_parameters=self.is_adapter,
+            )
+            ckpt.save_rng(tmp, rank)
+            if rank == 0:
+                ckpt.write_trainer_state(tmp, state)
+                with open(os.path.join(tmp, ckpt.DEEPSPEED_CONFIG), "w", encoding="utf-8") as handle:
+                    json.dump(self.ds_config, handle, indent=1, sort_keys=True)
+                if self.plan.logs_into_checkpoints:
+                    self.logs.copy_into(tmp)
+            # The manifest lists every rank's files and is written last: an upload cut short never verifies.
+            files = ckpt.file_entries(tmp)
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, files)
+            if rank == 0:
+                merged = {k: v for part in gathered for k, v in part.items()}
+                ckpt.write_manifest(tmp, merged, state, self.checkpoint_extra)
+            self.context.report(metrics, checkpoint_dir=tmp,
+                                checkpoint_dir_name=ckpt.checkpoint_dir_name(state.global_step))
+
+    # --- clean up ----------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        self.logs.close()
+        shutil.rmtree(self.cache, ignore_errors=True)  # downloaded base model / resume state
+
+
+def run_recipe(plan: WorkerPlan, context: TrainContext) -> None:
+    """Train one stage on this worker: setup and resume, epochs of steps with eval and checkpoints."""
+    recipe = WorkerRecipe(plan, context)
+    try:
+        recipe.setup()
+        recipe.evaluate_at_start()
+        recipe.start_training()
+        for epoch in range(recipe.state.epoch, plan.train.epochs):
+            recipe.train_epoch(epoch)
+            recipe.end_epoch(epoch)
+    finally:
+        recipe.cleanup()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point run by Ray Train on each worker: {"plan": WorkerPlan, "storage_settings": ObjectRef}."""
+    import ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    storage.configure(ray.get(loop_config["storage_settings"]))
+    run_recipe(loop_config["plan"], RayTrainContext())

@@ -1,0 +1,149 @@
+"""The worker recipe run in this process, without Ray: a LocalTrainContext stands in for Ray Train.
+
+A tiny LLaMA trains for two epochs on real English text (minimind tokenizer) under DeepSpeed ZeRO-2 on
+a one-process gloo group; checkpoints every 2 steps and at epoch ends. Then a second run resumes from
+the mid-epoch checkpoint of step 6 and must continue at step 7 with the very losses the first run had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import CheckpointConfig, DistributedConfig, EvalConfig, ModelConfig, TinyModelConfig, TrainConfig
+from orchestrator.model.loading import create_tiny_model, load_tokenizer
+from orchestrator import checkpoint as ckpt
+from orchestrator.train.context import LocalCheckpoint, LocalShard, LocalTrainContext
+from orchestrator.train.metrics_log import read_metrics
+from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
+
+BLOCK = 32
+TRAIN_ROWS, EVAL_ROWS = 16, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A gloo group of one process (DeepSpeed needs torch.distributed), torch threads restored after."""
+    import torch.distributed as dist
+
+    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    threads = torch.get_num_threads()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def workspace(shared_data, tmp_path_factory):
+    """A tiny base model directory and blocks of real text: (base dir, train rows, eval rows)."""
+    root = tmp_path_factory.mktemp("recipe")
+    tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "minimind"))
+    base = root / "base"
+    create_tiny_model(TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128), tokenizer, seed=0
+                      ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    text = (shared_data / "pretrain" / "english" / "en_article_tail500.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blocks = [ids[i:i + BLOCK] for i in range(0, (TRAIN_ROWS + EVAL_ROWS) * BLOCK, BLOCK)]
+    assert len(blocks[-1]) == BLOCK, "the shared text is too short for this test's blocks"
+    return base, [{"input_ids": b} for b in blocks[:TRAIN_ROWS]], [{"input_ids": b} for b in blocks[TRAIN_ROWS:]]
+
+
+def _plan(base: Path, stage_dir: Path, logs_dir: Path) -> WorkerPlan:
+    train = TrainConfig(method="full", epochs=2, micro_batch_size=2, gradient_accumulation_steps=2,
+                        learning_rate=3e-3, warmup_steps=1, log_every_n_steps=1, precision="fp32")
+    distributed = DistributedConfig(num_workers=1, zero_stage=2, cpus_per_worker=1)
+    return WorkerPlan(
+        stage="pretrain", model=ModelConfig(base=str(base)), train=train, distributed=distributed,
+        checkpoint=CheckpointConfig(every_n_steps=2, at_epoch_end=True), eval=EvalConfig(at_start=True),
+        base_model=str(base), tokenizer=str(base),
+        schedule=schedule_for(TRAIN_ROWS, 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
+        stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
+        prebatched=False,
+    )
+
+
+def _context(workspace, stage_dir: Path, checkpoint=None) -> LocalTrainContext:
+    _, train_rows, eval_rows = workspace
+    stage_dir.mkdir(parents=True)
+    return LocalTrainContext(storage_dir=str(stage_dir), checkpoint=checkpoint,
+                             shards={"train": LocalShard(train_rows), "eval": LocalShard(eval_rows)})
+
+
+def _train_losses(logs_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(str(logs_dir)) if "train_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def first_run(process_group, workspace, tmp_path_factory):
+    root = tmp_path_factory.mktemp("first")
+    plan = _plan(workspace[0], root / "pretrain", root / "logs")
+    context = _context(workspace, root / "pretrain")
+    run_recipe(plan, context)
+    return plan, context, root / "logs"
+
+
+def test_recipe_trains_reports_and_checkpoints_without_ray(first_run):
+    plan, context, logs_dir = first_run
+    assert plan.schedule.total_steps == 8  # 16 rows / micro-batch 2 / accumulation 2, two epochs
+    # every 2 steps; steps 4 and 8 end an epoch and are saved once, as epoch-end checkpoints
+    assert [os.path.basename(r.checkpoint_path) for r in context.reports] == [
+        ckpt.checkpoint_dir_name(step) for step in (2, 4, 6, 8)]
+    assert [r.metrics["step"] for r in context.reports] == [2, 4, 6, 8]
+    for report in context.reports:
+        manifest = ckpt.verify_checkpoint(report.checkpoint_path, check_hashes=True)
+        assert manifest["world_size"] == 1 and manifest["zero_stage"] == 2
+        assert math.isfinite(report.metrics["eval_loss"])
+    last = ckpt.read_trainer_state(context.reports[-1].checkpoint_path)
+    assert (last.epoch, last.micro_step_in_epoch, last.global_step) == (2, 0, 8)
+    mid = ckpt.read_trainer_state(context.reports[2].checkpoint_path)
+    assert (mid.epoch, mid.micro_step_in_epoch, mid.global_step) == (1, 4, 6)
+    assert os.path.isfile(os.path.join(context.reports[-1].checkpoint_path, ckpt.MODEL_DIR, "model.safetensors"))
+
+    records = read_metrics(str(logs_dir))
+    losses = _train_losses(logs_dir)
+    assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # the baseline before training
+    assert len(evals) == 5 and all(b < a for a, b in zip(evals, evals[1:])), f"eval loss did not fall: {evals}"
+    assert evals[-1] < evals[0] - 0.1
+    assert losses[8] < losses[1]
+
+
+def test_resume_continues_at_the_next_step_with_the_same_losses(first_run, workspace, tmp_path):
+    _, first_context, first_logs = first_run
+    step6 = first_context.reports[2].checkpoint_path
+    plan = _plan(workspace[0], tmp_path / "pretrain", tmp_path / "logs")
+    context = _context(workspace, tmp_path / "pretrain", checkpoint=LocalCheckpoint(step6))
+    run_recipe(plan, context)
+
+    records = read_metrics(str(tmp_path / "logs"))
+    assert records[0]["event"] == "resumed" and records[0]["resumed_from"] == step6 and records[0]["step"] == 6
+    assert not any(r["step"] == 0 for r in records)  # no baseline eval on resume
+    resumed = _train_losses(tmp_path / "logs")
+    assert sorted(resumed) == [7, 8]  # skipped the 4 micro-batches of epoch 2 trained before the checkpoint
+    expected = _train_losses(first_logs)
+    for step in (7, 8):  # same data order, RNG, optimizer moments and schedule as the uninterrupted run
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5)
+    assert [r.metrics["step"] for r in context.reports] == [8]
+    assert json.loads(Path(context.reports[0].checkpoint_path, ckpt.TRAINER_STATE).read_text())["global_step"] == 8
