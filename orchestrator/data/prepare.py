@@ -19,7 +19,7 @@ from orchestrator.config import DataConfig
 from orchestrator.data.formats import load_examples
 from orchestrator.data.pretrain import pack_documents
 from orchestrator.data.replay import mix_replay_examples, pack_with_replay
-from orchestrator.data.sft import tokenize_conversations
+from orchestrator.data.sft import IGNORE_INDEX, tokenize_conversations
 from orchestrator.data.templates import select_template
 from orchestrator.errors import DataError
 
@@ -130,7 +130,7 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
         "eval_examples": len(evals),
         "dropped_untrainable": dropped,
         "train_tokens": int(lengths.sum()),
-        "trainable_tokens": int(sum(int((e.labels != -100).sum()) for e in train)),
+        "trainable_tokens": int(sum(int((e.labels != IGNORE_INDEX).sum()) for e in train)),
         "mean_length": float(lengths.mean()),
         "max_length": int(lengths.max()),
         **replay.stats,

@@ -38,6 +38,7 @@ from orchestrator.config import (
     ModelConfig,
     TrainConfig,
 )
+from orchestrator.data.sft import IGNORE_INDEX
 from orchestrator.model.loading import load_tokenizer
 from orchestrator import checkpoint as ckpt
 from orchestrator.train.context import RayTrainContext, TrainContext
@@ -46,7 +47,6 @@ from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model
 
 log = logging.getLogger("orchestrator.train")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
@@ -21,14 +21,6 @@ from orchestrator.train.deepspeed_config import build_deepspeed_config, load_use
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-
-def ensure_ray(address: Optional[str] = None) -> None:
-    """Connect to Ray once: `address`, else RAY_ADDRESS (set by `ray job submit`), else a new local cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
 
 
 def _length_grouped(stage: str, table: Any, micro_batch_size: int, seed: int) -> Any:
