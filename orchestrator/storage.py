@@ -285,6 +285,13 @@ def exists(uri: str) -> bool:
         raise StorageError(f"cannot reach {uri}: {exc}") from exc
 
 
+def s3_object_identity(uri: str) -> tuple[int, str]:
+    """(size, ETag) of one S3 object: its identity without reading it."""
+    bucket, key = split_s3(uri)
+    head = _s3_call(f"HEAD of {uri}", _boto_client().head_object, Bucket=bucket, Key=key)
+    return int(head["ContentLength"]), str(head["ETag"]).strip('"')
+
+
 def list_files(uri: str) -> dict[str, int]:
     """Every file below a directory path or URI → size in bytes, keyed by relative path ({} if absent)."""
     if is_s3(uri):
