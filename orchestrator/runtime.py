@@ -9,12 +9,19 @@ process-wide state.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 from typing import Optional
 
 from orchestrator import storage
-from orchestrator.config import StorageConfig, s3_settings
+from orchestrator.config import CheckpointConfig, StorageConfig, s3_settings
+from orchestrator.errors import ConfigError
+
+log = logging.getLogger(__name__)
+# Set by Ray's job supervisor for a job's driver: the job's runtime_env (working_dir among it).
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def configure_storage(storage_config: StorageConfig) -> storage.S3Settings:
@@ -49,3 +56,35 @@ def ensure_ray_with_dashboard(address: Optional[str] = None) -> None:
         port = sock.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+
+
+def job_working_dir() -> Optional[str]:
+    """The working directory Ray unpacked for this job (`ray job submit --working-dir`), else None."""
+    try:
+        runtime_env = json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    except json.JSONDecodeError:
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
+
+
+def check_storage_outlives_job(checkpoint: CheckpointConfig) -> None:
+    """Refuse a `checkpoint.storage_path` that would vanish with the job's temporary working directory.
+
+    A job submitted with `--working-dir` runs in a copy Ray deletes when it no longer needs it; a
+    relative storage path would put checkpoints and models there. An explicit setting
+    (`checkpoint.allow_job_working_dir`) keeps it, with a warning.
+    """
+    working_dir = job_working_dir()
+    path = checkpoint.storage_path
+    if working_dir is None or storage.is_remote(path):
+        return
+    resolved = os.path.realpath(path.removeprefix("file://"))
+    if not (resolved + os.sep).startswith(os.path.realpath(working_dir) + os.sep):
+        return
+    message = (f"checkpoint.storage_path {path!r} resolves to {resolved}, inside this Ray job's temporary "
+               "working directory, which Ray deletes with the job: checkpoints and models would vanish. Use an "
+               "absolute path every node shares (checkpoint.storage_path=/mnt/shared/runs) or "
+               "s3://bucket/runs")
+    if not checkpoint.allow_job_working_dir:
+        raise ConfigError(message + " (or set checkpoint.allow_job_working_dir=true to keep them there anyway)")
+    log.warning("%s; kept there because checkpoint.allow_job_working_dir=true", message)

@@ -10,7 +10,7 @@ import argparse
 import json
 
 def run_command(args: argparse.Namespace) -> int:
-    from orchestrator.config import describe_schema, load_config
+    from orchestrator.config import describe_schema, load_config, load_config_for_models
 
     if args.command == "config":
         if args.what == "schema":
@@ -33,9 +33,13 @@ def run_command(args: argparse.Namespace) -> int:
         return _list_checkpoints(args)
     if args.command == "eval":
         from orchestrator.evaluation.runner import evaluate_run, parse_model_arg
+        from orchestrator.runtime import check_storage_outlives_job
 
-        outcome = evaluate_run(load_config(args.config, args.overrides),
-                               [parse_model_arg(m) for m in args.model or []], args.out, args.address)
+        models = [parse_model_arg(m) for m in args.model or []]
+        config = (load_config_for_models(args.config, args.overrides, models[0].uri) if models
+                  else load_config(args.config, args.overrides))
+        check_storage_outlives_job(config.checkpoint)
+        outcome = evaluate_run(config, models, args.out, args.address)
         print(json.dumps({"report": outcome.files, "metrics": outcome.metrics}, ensure_ascii=False, indent=1))
         return 0
     if args.command == "tune":
@@ -65,9 +69,11 @@ def run_command(args: argparse.Namespace) -> int:
                             repetition_penalty=args.repetition_penalty))
         return 0
     from orchestrator.pipeline import run_pipeline
+    from orchestrator.runtime import check_storage_outlives_job
     from orchestrator.train.stage import run_stage
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
+    check_storage_outlives_job(config.checkpoint)
     if args.command == "pipeline":
         stages = run_pipeline(config, args.address).stages
     else:
@@ -107,10 +113,12 @@ def _vocab(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from orchestrator.config import STAGES, load_config
     from orchestrator.errors import ConfigError
+    from orchestrator.runtime import check_storage_outlives_job
     from orchestrator.tune.results import format_table
     from orchestrator.tune.sweep import run_sweep
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
+    check_storage_outlives_job(config.checkpoint)
     stages = args.stage or config.tune.stages or [name for name in STAGES if getattr(config, name) is not None]
     if len(stages) > 1 and not (args.stage or config.tune.stages):
         raise ConfigError("the config has both stages; say which to sweep with --stage (or tune.stages)")

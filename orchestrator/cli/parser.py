@@ -8,6 +8,22 @@ import argparse
 DESCRIPTION = "`orchestrator …` sub-commands. Each parses arguments, loads the config and calls one library function."
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """Options may come before or after positionals (`config show --config x.yaml a.b=1` and
+    `config --config x.yaml show a.b=1` alike): a parser without sub-commands parses intermixed."""
+
+    _parsing_intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's signature
+        if self._parsing_intermixed or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._parsing_intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing_intermixed = False
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
     parser.add_argument("--address", default=None, help="Ray address; default: RAY_ADDRESS or a new local cluster")
@@ -17,7 +33,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=DESCRIPTION)
+    parser = IntermixedParser(prog="orchestrator", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("pretrain", "stage 1: continued pretraining on documents"),

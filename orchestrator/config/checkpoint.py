@@ -21,6 +21,11 @@ class CheckpointConfig(Section):
         "reload_weights", description="Resuming with a different number of workers: reload the checkpoint's "
         "weights with a fresh optimizer (a warning is logged), or fail.",
     )
+    allow_job_working_dir: bool = Field(
+        False, description="In a Ray job submitted with --working-dir, a relative `storage_path` lands in Ray's "
+        "temporary copy of that directory and is deleted with it: refused unless this is true (then a warning "
+        "is logged). Prefer an absolute path every node shares, or s3://.",
+    )
 
 
 class S3Config(Section):

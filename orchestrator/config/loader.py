@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from pathlib import Path
@@ -16,14 +17,18 @@ from orchestrator.config.pipeline import PipelineConfig
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_LIST_ITEM = re.compile(r"\[(\d+)\]")  # `sources[0].format` is spelled `sources.0.format` inside
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (['a','b','c'], value parsed as YAML, so 1e-4, true, [a, b] and null work)."""
+    """`a.b.c=value` → (['a','b','c'], value parsed as YAML, so 1e-4, true, [a, b] and null work).
+
+    List items are addressed by index, as `a.sources.0.path=x` or `a.sources[0].path=x`.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    key = _LIST_ITEM.sub(r".\1", key.strip())
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
@@ -36,7 +41,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Return a copy of `tree` with each dotted override set (list items by index: `a.sources.0.path=x`)."""
+    """Return a copy of `tree` with each dotted override set (list items by index: `a.sources.0.path=x`
+    or `a.sources[0].path=x`)."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         path, value = parse_override(text)
@@ -74,8 +80,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             parent = err["loc"][:-1]
             allowed = _allowed_keys(parent)
+            close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            guess = f"; did you mean '{close[0]}'?" if close else ""
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  - {key}: unknown key{hint}")
+            lines.append(f"  - {key}: unknown key{guess}{hint}")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -113,25 +121,36 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
 
     Raises ConfigError naming the offending key and what is allowed.
     """
-    tree: dict = {}
-    source = "overrides"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
-        tree = loaded
-    tree = apply_overrides(tree, overrides or [])
-    return config_from_dict(tree, source)
+    tree = apply_overrides(_read_tree(path), overrides or [])
+    return config_from_dict(tree, str(path) if path is not None else "overrides")
+
+
+def load_config_for_models(path: Optional[str | os.PathLike], overrides: Optional[list[str]],
+                           model_uri: str) -> PipelineConfig:
+    """Load a config that evaluates given models (`orchestrator eval --model`): it needs no `model` or
+    `tokenizer` section; without one, `model_uri` (which holds its own tokenizer) stands in as `model.base`."""
+    tree = apply_overrides(_read_tree(path), overrides or [])
+    if tree.get("model") is None:
+        tree["model"] = {"base": model_uri}
+    return config_from_dict(tree, str(path) if path is not None else "overrides")
+
+
+def _read_tree(path: Optional[str | os.PathLike]) -> dict:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+    return loaded
 
 
 def config_from_dict(tree: dict, source: str = "dict") -> PipelineConfig:

@@ -17,6 +17,7 @@ from orchestrator.config import (
     config_from_dict,
     describe_schema,
     load_config,
+    load_config_for_models,
     parse_override,
 )
 from orchestrator.errors import ConfigError
@@ -228,3 +229,36 @@ def test_describe_schema_documents_every_key():
     assert any(l.startswith("pretrain.data.sources[].path (default required):") for l in lines)
     assert any(l.startswith("distributed.zero_stage (default 2):") for l in lines)
     assert "model.tiny: Initialise a small LLaMA-architecture model from this config (when `base` is empty)." in lines
+
+
+def test_unknown_key_suggests_the_closest_spelling(tmp_path):
+    tree = _tiny_tree()
+    tree["pretrain"]["train"]["lerning_rate"] = 1e-3
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, tree))
+    assert "pretrain.train.lerning_rate: unknown key; did you mean 'learning_rate'?; allowed keys here: " in str(
+        info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["distributed.xyzzy=1"])
+    assert "did you mean" not in str(info.value)  # nothing close: only the allowed keys
+
+
+def test_list_items_override_with_brackets_or_dots():
+    dotted = load_config(TINY, ["pretrain.data.sources.1.format=alpaca"])
+    bracketed = load_config(TINY, ["pretrain.data.sources[1].format=alpaca"])
+    assert dotted.pretrain.data.sources[1].format == "alpaca" == bracketed.pretrain.data.sources[1].format
+    assert parse_override("a.b[0][2].c=1") == (["a", "b", "0", "2", "c"], 1)
+    with pytest.raises(ConfigError, match=r"expected a list index below 2, got '5'"):
+        load_config(TINY, ["pretrain.data.sources[5].format=alpaca"])
+    with pytest.raises(ConfigError, match="sources.1.wieght: unknown key; did you mean 'weight'"):
+        load_config(TINY, ["pretrain.data.sources[1].wieght=2"])
+
+
+def test_a_bare_eval_config_loads_for_given_models(tmp_path):
+    path = _write(tmp_path, {"eval": {"qa": [{"name": "qa", "path": "qa.jsonl"}]}})
+    with pytest.raises(ConfigError, match="model: Field required"):
+        load_config(path)
+    config = load_config_for_models(path, ["eval.samples=1"], "runs/x/models/sft")
+    assert config.model.base == "runs/x/models/sft" and config.eval.samples == 1
+    config = load_config_for_models(TINY, [], "runs/x/models/sft")
+    assert config.model.tiny is not None and config.model.base is None  # a config's own model is kept
