@@ -1,8 +1,9 @@
 """Raw records → the two canonical forms: Document (stage 1) and Conversation (stage 2).
 
-Each converter validates as it goes and raises RecordError naming the record's origin
-(file:line or file#index), the field and what was expected. `load_documents` and
-`load_conversations` apply the bad-record policy for a whole source list.
+A raw record is first shaped (`orchestrator.data.shapes`: unwrapping, ids, prefixed turns,
+templates, a transform), then converted. Each converter validates as it goes and raises
+RecordError naming the record's origin (file:line or file#index), the field and what was
+expected. `load_examples` applies the bad-record policy for a whole source list.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Optional
 
-from orchestrator.config import DataSourceConfig
+from orchestrator.config import DataSourceConfig, RoleTagsConfig
 from orchestrator.data.readers import RawRecord, read_source
+from orchestrator.data.shapes import resolve_dataset, shape_record
 from orchestrator.errors import DataError, DataValidationError, RecordError
 
 Role = Literal["system", "user", "assistant"]
@@ -174,38 +176,70 @@ def multiturn_to_conversation(record: Any, origin: str, mapping: dict[str, str])
     return _conversation(fields.text("system", required=False), [*fields.history(), (prompt, response)], origin)
 
 
-def sharegpt_to_conversation(record: Any, origin: str, mapping: dict[str, str]) -> Conversation:
-    """conversations: [{from, value}], roles human/gpt/system, alternating, ending with the assistant."""
+def sharegpt_to_conversation(record: Any, origin: str, mapping: dict[str, str],
+                             tags: Optional[RoleTagsConfig] = None) -> Conversation:
+    """conversations: [{from, value}] (or {role, content}), alternating, ending with the assistant; an optional
+    system message first or in a `system` field. `tags` (LLaMA-Factory's) name the keys and role values."""
     fields = _Fields(record, origin, mapping)
     key = fields.name("conversations")
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise RecordError(origin, key, "a non-empty list of {from, value} messages", turns)
     messages: list[Message] = []
+    system = fields.text("system", required=False)
+    if system and system.strip():
+        messages.append(Message("system", system))
     for i, turn in enumerate(turns):
+        role, value = _message(turn, f"{key}[{i}]", origin, tags)
         where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError(origin, where, "an object with 'from' and 'value'", turn)
-        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise RecordError(origin, f"{where}.from", f"one of {', '.join(sorted(SHAREGPT_ROLES))}", turn.get("from"))
-        value = turn.get("value")
-        if not isinstance(value, str) or (role != "system" and not value.strip()):
-            raise RecordError(origin, f"{where}.value", "a non-empty string", value)
         if role == "system":
             if messages:
-                raise RecordError(origin, f"{where}.from", "'system' only as the first message", "system")
+                raise RecordError(origin, f"{where}.{_role_key(turn, tags)}", "'system' only as the first message", "system")
             if value.strip():
                 messages.append(Message("system", value))
             continue
         body_index = sum(1 for m in messages if m.role != "system")
         expected: Role = "user" if body_index % 2 == 0 else "assistant"
         if role != expected:
-            raise RecordError(origin, f"{where}.from", f"{'an' if expected == 'assistant' else 'a'} {expected} message (turns must alternate)", turn.get("from"))
+            raise RecordError(origin, f"{where}.{_role_key(turn, tags)}", f"{'an' if expected == 'assistant' else 'a'} "
+                              f"{expected} message (turns must alternate)", turn.get(_role_key(turn, tags)))
         messages.append(Message(role, value))
     if not messages or messages[-1].role != "assistant":
         raise RecordError(origin, key, "a conversation ending with an assistant (gpt) message")
     return Conversation(tuple(messages), origin)
+
+
+def _role_key(turn: dict, tags: Optional[RoleTagsConfig]) -> str:
+    if tags is not None:
+        return tags.role_tag
+    return "role" if "from" not in turn and "role" in turn else "from"
+
+
+def _message(turn: Any, where: str, origin: str, tags: Optional[RoleTagsConfig]) -> tuple[Role, str]:
+    """(role, text) of one message of a conversation list."""
+    if tags is None:
+        if not isinstance(turn, dict):
+            raise RecordError(origin, where, "an object with 'from' and 'value'", turn)
+        role_key = _role_key(turn, None)
+        content_key = "content" if role_key == "role" else "value"
+        role = SHAREGPT_ROLES.get(str(turn.get(role_key, "")).lower())
+        allowed = ", ".join(sorted(SHAREGPT_ROLES))
+    else:
+        role_key, content_key = tags.role_tag, tags.content_tag
+        if not isinstance(turn, dict):
+            raise RecordError(origin, where, f"an object with {role_key!r} and {content_key!r}", turn)
+        roles: dict[str, Role] = {tags.user_tag: "user", tags.assistant_tag: "assistant", tags.system_tag: "system"}
+        role = roles.get(str(turn.get(role_key, "")))
+        if role is None and turn.get(role_key) in (tags.observation_tag, tags.function_tag) and turn.get(role_key):
+            raise RecordError(origin, f"{where}.{role_key}", "a user, assistant or system message (tool turns are "
+                              "not supported)", turn.get(role_key))
+        allowed = ", ".join(roles)
+    if role is None:
+        raise RecordError(origin, f"{where}.{role_key}", f"one of {allowed}", turn.get(role_key))
+    value = turn.get(content_key)
+    if not isinstance(value, str) or (role != "system" and not value.strip()):
+        raise RecordError(origin, f"{where}.{content_key}", "a non-empty string", value)
+    return role, value
 
 
 CONVERTERS = {
@@ -220,24 +254,31 @@ def conversation_to_document(conversation: Conversation) -> Document:
     return Document("\n".join(m.content for m in conversation.messages), conversation.origin)
 
 
-def convert_record(raw: RawRecord, source: DataSourceConfig) -> Document | Conversation:
-    """One raw record → Document or Conversation, by the source's format (or detected)."""
-    if raw.error is not None:
-        raise raw.error
-    fmt = source.format
+def convert_record(raw: RawRecord, source: DataSourceConfig) -> Optional[Document | Conversation]:
+    """One raw record → Document or Conversation, by the source's shape and format (or detected);
+    None when the source's `transform` skips the record."""
+    source = resolve_dataset(source)
+    shaped = shape_record(raw, source)
+    if shaped is None:
+        return None
+    # a transform's canonical record is read without the source's mapping (it has canonical names)
+    fmt = source.format if source.transform is None else "auto"
+    value, origin, mapping = shaped.value, shaped.origin, shaped.fields
     if fmt == "auto":
-        fmt = detect_format(raw.value, source.fields)
+        fmt = detect_format(value, mapping)
         if fmt == "unknown":
             raise RecordError(
-                raw.origin,
+                origin,
                 "(record)",
                 "a record with 'text'/'content', 'instruction'/'output', 'prompt'/'response' or 'conversations' "
                 "(or set the source's `format` and `fields`)",
-                raw.value,
+                value,
             )
     if fmt == "document":
-        return to_document(raw.value, raw.origin, source.fields)
-    return CONVERTERS[fmt](raw.value, raw.origin, source.fields)
+        return to_document(value, origin, mapping)
+    if fmt == "sharegpt":
+        return sharegpt_to_conversation(value, origin, mapping, shaped.tags)
+    return CONVERTERS[fmt](value, origin, mapping)
 
 
 @dataclass
@@ -245,7 +286,8 @@ class LoadReport:
     """What loading a list of sources found."""
 
     records: int = 0
-    skipped: int = 0
+    skipped: int = 0  # bad records
+    filtered: int = 0  # records a source's transform skipped (returned None)
     errors: list[RecordError] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # uri -> sha256 of every file read
 
@@ -267,6 +309,7 @@ def load_examples(
     rng = random.Random(seed)
     for source in sources:
         from_source = []
+        source = resolve_dataset(source)
         for raw in read_source(source, report.files):
             try:
                 item = convert_record(raw, source)
@@ -274,6 +317,9 @@ def load_examples(
                 report.skipped += 1
                 if len(report.errors) < MAX_ERRORS_LISTED:
                     report.errors.append(err)
+                continue
+            if item is None:
+                report.filtered += 1
                 continue
             if kind == "conversations" and isinstance(item, Document):
                 raise DataError(

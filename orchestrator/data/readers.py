@@ -2,7 +2,9 @@
 
 Supported: JSONL, JSON (a list of records, or JSONL saved as .json), Parquet, plain text and
 Markdown. A raw record is a dict (structured formats) or a string (text files); its origin is
-``file:line`` for line-based files and ``file#index`` for JSON lists and Parquet rows.
+``file:line`` for line-based files and ``file#index`` for JSON lists and Parquet rows (``file#<id>``
+for an object keyed by id). Where the records sit inside a JSON document (`records`, `keyed_by`)
+is the source's shape, located by `orchestrator.data.shapes`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator import storage
 from orchestrator.config import DataSourceConfig
+from orchestrator.data.shapes import RawRecord, locate_records, resolve_dataset
 from orchestrator.errors import DataError, RecordError
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -27,31 +29,25 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
 
 
-@dataclass(frozen=True)
-class RawRecord:
-    """One record as read, before validation. `error` is set when the record could not even be parsed."""
-
-    value: Any
-    origin: str
-    error: Optional[RecordError] = None
-
-
 def read_source(source: DataSourceConfig, digests: Optional[dict[str, str]] = None) -> Iterator[RawRecord]:
     """Every raw record of a source, files in sorted order, at most `source.max_records`.
 
-    When `digests` is given, the sha256 of every file read is recorded in it (for lineage).
+    When `digests` is given, the sha256 of every file read is recorded in it (for lineage). A source
+    naming a LLaMA-Factory dataset reads the file its dataset_info.json entry names.
     """
+    source = resolve_dataset(source)
     count = 0
     for uri in storage.expand(source.path, SUPPORTED_SUFFIXES):
-        for record in read_file(uri, text_unit=source.text_unit, digests=digests):
+        for record in read_file(uri, source.text_unit, digests, source.records, source.keyed_by):
             yield record
             count += 1
             if source.max_records is not None and count >= source.max_records:
                 return
 
 
-def read_file(uri: str, text_unit: str = "auto", digests: Optional[dict[str, str]] = None) -> Iterator[RawRecord]:
-    """Raw records of one file, chosen by its suffix."""
+def read_file(uri: str, text_unit: str = "auto", digests: Optional[dict[str, str]] = None,
+              records: Optional[str] = None, keyed_by: Optional[str] = None) -> Iterator[RawRecord]:
+    """Raw records of one file, chosen by its suffix; `records`/`keyed_by` locate them in JSON documents."""
     lower = uri.lower()
     raw = storage.read_bytes(uri)
     if digests is not None:
@@ -61,9 +57,9 @@ def read_file(uri: str, text_unit: str = "auto", digests: Optional[dict[str, str
         return
     text = _decode(uri, raw)
     if lower.endswith(".jsonl"):
-        yield from _read_jsonl(uri, text)
+        yield from _read_jsonl(uri, text, records, keyed_by)
     elif lower.endswith(".json"):
-        yield from _read_json(uri, text)
+        yield from _read_json(uri, text, records, keyed_by)
     elif lower.endswith(TEXT_SUFFIXES):
         yield from _read_text(uri, text, text_unit)
     else:
@@ -78,35 +74,35 @@ def _decode(uri: str, raw: bytes) -> str:
         raise DataError(f"{uri}:{line}: not valid UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
 
 
-def _read_jsonl(uri: str, text: str) -> Iterator[RawRecord]:
+def _read_jsonl(uri: str, text: str, records: Optional[str] = None,
+                keyed_by: Optional[str] = None) -> Iterator[RawRecord]:
+    """One record per line; with `records`/`keyed_by`, each line is a document holding records."""
     for number, line in enumerate(io.StringIO(text), start=1):
         if not line.strip():
             continue
         origin = f"{uri}:{number}"
         try:
-            yield RawRecord(json.loads(line), origin)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
             yield RawRecord(None, origin, RecordError(origin, "(line)", "a JSON object", f"invalid JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        if records or keyed_by:
+            yield from locate_records(value, origin, records, keyed_by)
+        else:
+            yield RawRecord(value, origin)
 
 
-def _read_json(uri: str, text: str) -> Iterator[RawRecord]:
+def _read_json(uri: str, text: str, records: Optional[str] = None,
+               keyed_by: Optional[str] = None) -> Iterator[RawRecord]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # Many datasets are JSON Lines saved with a .json suffix.
-            yield from _read_jsonl(uri, text)
+            yield from _read_jsonl(uri, text, records, keyed_by)
             return
         raise DataError(f"{uri}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from None
-    if isinstance(data, dict):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{uri}: expected a JSON list of records (or an object holding one list), got an object")
-        data = data[lists[0]]
-    if not isinstance(data, list):
-        raise DataError(f"{uri}: expected a JSON list of records, got {type(data).__name__}")
-    for index, value in enumerate(data):
-        yield RawRecord(value, f"{uri}#{index}")
+    yield from locate_records(data, uri, records, keyed_by)
 
 
 def _read_parquet(uri: str, raw: bytes) -> Iterator[RawRecord]:

@@ -58,11 +58,16 @@ def load_replay(source: DataSourceConfig, stage: Literal["pretrain", "sft"], bad
     items: list = []
     for raw in read_source(source, report.files):
         try:
-            items.append(convert_record(raw, source))
+            item = convert_record(raw, source)
         except RecordError as err:
             report.skipped += 1
             if len(report.errors) < MAX_ERRORS_LISTED:
                 report.errors.append(err)
+            continue
+        if item is None:
+            report.filtered += 1
+        else:
+            items.append(item)
     report.records = len(items)
     if report.skipped and bad_records == "error":
         raise DataValidationError(report.errors, report.skipped)

@@ -138,7 +138,8 @@ def test_unknown_key_inside_a_list_item_lists_source_keys():
         load_config(TINY, ["pretrain.data.sources.0.wieght=2"])
     message = str(info.value)
     assert "pretrain.data.sources.0.wieght: unknown key" in message
-    assert "allowed keys here: fields, format, max_records, path, text_unit, weight" in message
+    assert ("allowed keys here: dataset, fields, format, keyed_by, max_records, path, prefixed_turns, prompt_template, "
+            "records, response_template, system_template, tags, text_unit, transform, unwrap, weight") in message
 
 
 def test_bad_zero_stage_names_the_key():
