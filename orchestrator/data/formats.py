@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional
 
 from orchestrator.config import DataSourceConfig, RoleTagsConfig
 from orchestrator.data.readers import RawRecord, read_source
-from orchestrator.data.shapes import resolve_dataset, shape_record
+from orchestrator.data.shapes import resolve_dataset, shape_inputs, shape_record
 from orchestrator.errors import DataError, DataValidationError, RecordError
 
 Role = Literal["system", "user", "assistant"]
@@ -309,7 +309,9 @@ def load_examples(
     rng = random.Random(seed)
     for source in sources:
         from_source = []
-        source = resolve_dataset(source)
+        resolved = resolve_dataset(source)
+        report.files.update(shape_inputs(source))
+        source = resolved
         for raw in read_source(source, report.files):
             try:
                 item = convert_record(raw, source)

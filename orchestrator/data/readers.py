@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from orchestrator import storage
 from orchestrator.config import DataSourceConfig
-from orchestrator.data.shapes import RawRecord, locate_records, resolve_dataset
+from orchestrator.data.shapes import RawRecord, locate_records, resolve_dataset, shape_inputs
 from orchestrator.errors import DataError, RecordError
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -33,9 +33,13 @@ def read_source(source: DataSourceConfig, digests: Optional[dict[str, str]] = No
     """Every raw record of a source, files in sorted order, at most `source.max_records`.
 
     When `digests` is given, the sha256 of every file read is recorded in it (for lineage). A source
-    naming a LLaMA-Factory dataset reads the file its dataset_info.json entry names.
+    naming a LLaMA-Factory dataset reads the file its dataset_info.json entry names (the registry and a
+    transform's module are recorded in `digests` too).
     """
-    source = resolve_dataset(source)
+    resolved = resolve_dataset(source)
+    if digests is not None:
+        digests.update(shape_inputs(source))
+    source = resolved
     count = 0
     for uri in storage.expand(source.path, SUPPORTED_SUFFIXES):
         for record in read_file(uri, source.text_unit, digests, source.records, source.keyed_by):

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
 import json
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from orchestrator import storage
@@ -123,7 +125,7 @@ def resolve_dataset(source: DataSourceConfig) -> DataSourceConfig:
     """A source naming a `dataset_info.json` entry → the plain source it describes; others unchanged."""
     if source.dataset is None:
         return source
-    info_uri = source.path if source.path.lower().endswith(".json") else storage.join(source.path, DATASET_INFO)
+    info_uri = registry_uri(source)
     registry = _read_registry(info_uri)
     name = source.dataset
     if name not in registry:
@@ -151,6 +153,25 @@ def resolve_dataset(source: DataSourceConfig) -> DataSourceConfig:
         "tags": _tags(entry.get("tags"), where) if formatting == "sharegpt" else None,
     }
     return source.model_copy(update=update)
+
+
+def registry_uri(source: DataSourceConfig) -> str:
+    """The dataset_info.json a source with `dataset` reads (`path` itself, or the file in that directory)."""
+    return source.path if source.path.lower().endswith(".json") else storage.join(source.path, DATASET_INFO)
+
+
+def shape_inputs(source: DataSourceConfig) -> dict[str, str]:
+    """Files besides the data that decide what a source's records become (uri → sha256): its dataset_info.json
+    and its transform's module, so that a cache keyed on the files read notices when they change."""
+    found = {}
+    if source.dataset is not None:
+        found[registry_uri(source)] = hashlib.sha256(storage.read_bytes(registry_uri(source))).hexdigest()
+    if source.transform is not None:
+        code = getattr(load_transform(source.transform), "__code__", None)
+        module_file = code.co_filename if code is not None else None
+        if module_file and Path(module_file).is_file():
+            found[module_file] = hashlib.sha256(Path(module_file).read_bytes()).hexdigest()
+    return found
 
 
 @functools.lru_cache(maxsize=16)
@@ -228,7 +249,6 @@ def _with_key(value: Any, key: str, name: str, origin: str) -> Any:
 # -- transform
 
 
-@functools.lru_cache(maxsize=16)
 def load_transform(spec: str) -> Callable[[Any], Any]:
     """The function `package.module:function` names; DataError when it cannot be imported."""
     module_name, function_name = spec.split(":", 1)

@@ -371,3 +371,11 @@ def test_readme_shape_examples_are_valid_sources(repo_root):
     assert len(sources) == 8
     for entry in sources:
         DataSourceConfig(**entry)
+
+
+def test_the_registry_and_the_transform_module_are_recorded_with_the_files_read(registry, tmp_path, transform_module):
+    _, report = load_examples([DataSourceConfig(path=str(registry), dataset="med_share")], "conversations")
+    assert sorted(report.files) == [f"{registry}/dataset_info.json", f"{registry}/med_share.jsonl"]
+    path = _jsonl(tmp_path / "odd.jsonl", [{"q": "Q", "a": "A"}])
+    _, report = load_examples([DataSourceConfig(path=str(path), transform=f"{transform_module}:qa")], "conversations")
+    assert sorted(report.files) == sorted([str(path), str(tmp_path / "shape_transforms_for_test.py")])
