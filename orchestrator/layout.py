@@ -10,6 +10,7 @@ Layout under `<checkpoint.storage_path>/<run_name>/` (a local path or an `s3://`
     models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained
     tune/<stage>/      a sweep: Ray Tune's state, trials/<id>/ (each a run of its own), results, best config
     eval/              the evaluation report after training (eval-<models>/ for an explicit model list)
+    tracking.json      the run's MLflow / W&B run ids (continued when the run is run again)
 
 Nothing else in the library spells these names; it asks a RunLayout.
 """
@@ -90,6 +91,11 @@ class RunLayout:
     def eval(self, model_names: tuple[str, ...] = ()) -> str:
         """The evaluation report: eval/ after training, eval-<names>/ for an explicit list of models."""
         return storage.join(self.root, "eval-" + "-".join(model_names) if model_names else "eval")
+
+    @property
+    def tracking(self) -> str:
+        """The ids of the run's experiment-tracking runs (orchestrator.tracking)."""
+        return storage.join(self.root, "tracking.json")
 
     def logs(self, stage: str) -> str:
         """Where rank 0 writes a stage's metrics.jsonl and TensorBoard events.

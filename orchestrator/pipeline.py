@@ -13,8 +13,9 @@ from typing import Optional
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import ConfigError
-from orchestrator.evaluation.runner import evaluate_run
+from orchestrator.evaluation.runner import EvalOutcome, evaluate_run
 from orchestrator.runtime import configure_storage
+from orchestrator.tracking import log_files, start_tracking
 from orchestrator.train.stage import StageResult, materialize_base, run_stage
 from orchestrator.tune.results import config_with_best
 from orchestrator.tune.space import check_sweep
@@ -61,6 +62,16 @@ def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> P
     if config.sft is not None:
         result.stages.append(train_stage(config, "sft", base_model, tokenizer_uri, ray_address))
     if config.eval.after_training:
-        result.eval_report = evaluate_run(config, ray_address=ray_address).files["report.md"]
+        outcome = evaluate_run(config, ray_address=ray_address)
+        result.eval_report = outcome.files["report.md"]
+        track_evaluation(config, outcome)
     return result
+
+
+def track_evaluation(config: PipelineConfig, outcome: EvalOutcome) -> None:
+    """The evaluation report (report.md, report.json, loss plots) and its metrics on the run's tracking runs."""
+    target = start_tracking(config)
+    metrics = {f"eval/{model}/{name}": float(value) for model, scores in outcome.metrics.items()
+               for name, value in scores.items() if isinstance(value, (int, float))}
+    log_files(target, list(outcome.files.values()), "eval", metrics)
 

@@ -40,6 +40,10 @@ def run_command(args: argparse.Namespace) -> int:
                   else load_config(args.config, args.overrides))
         check_storage_outlives_job(config.checkpoint)
         outcome = evaluate_run(config, models, args.out, args.address)
+        if not models:
+            from orchestrator.pipeline import track_evaluation
+
+            track_evaluation(config, outcome)
         print(json.dumps({"report": outcome.files, "metrics": outcome.metrics}, ensure_ascii=False, indent=1))
         return 0
     if args.command == "tune":

@@ -19,5 +19,6 @@ from orchestrator.config.serve import GenerationDefaults, AutoscalingConfig, Ser
 from orchestrator.config.eval import EvalGenerationConfig, QASetConfig, MultipleChoiceSetConfig, DEFAULT_REFUSAL_PATTERNS, HonestyConfig, PerplexityConfig, EvalConfig  # noqa: F401
 from orchestrator.config.plan import PlanConfig  # noqa: F401
 from orchestrator.config.tune import SearchDimension, PositiveDimension, FractionDimension, NonNegativeDimension, CountDimension, NonNegativeCountDimension, SearchSpaceConfig, SEARCH_PARAMETER_KEYS, StageSearchSpaces, AshaConfig, TuneConfig  # noqa: F401
+from orchestrator.config.tracking import MlflowConfig, WandbConfig, TrackingConfig  # noqa: F401
 from orchestrator.config.pipeline import StageConfig, PipelineConfig, STAGES  # noqa: F401
 from orchestrator.config.loader import parse_override, apply_overrides, load_config, load_config_for_models, config_from_dict, describe_schema  # noqa: F401

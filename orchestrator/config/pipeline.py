@@ -15,6 +15,7 @@ from orchestrator.config.eval import EvalConfig
 from orchestrator.config.model import ModelConfig, TokenizerConfig
 from orchestrator.config.plan import PlanConfig
 from orchestrator.config.serve import ServeConfig
+from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.train import PROMPT_METHODS, TrainConfig
 from orchestrator.config.tune import TuneConfig
 
@@ -44,6 +45,8 @@ class PipelineConfig(Section):
     pretrain: Optional[StageConfig] = Field(None, description="Stage 1: continued pretraining on documents.")
     sft: Optional[StageConfig] = Field(None, description="Stage 2: supervised fine-tuning on conversations.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweeps (Ray Tune).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow, "
+                                     "Weights & Biases); off by default.")
 
     @model_validator(mode="after")
     def _tuned_stages_exist(self) -> "PipelineConfig":

@@ -1,4 +1,5 @@
-"""Training metrics as a JSONL file and TensorBoard event files (rank 0 only; other ranks get a no-op)."""
+"""Training metrics as a JSONL file, TensorBoard event files and, when configured, the run's MLflow / W&B
+runs (rank 0 only; other ranks get a no-op)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Optional
 from orchestrator import storage
 from orchestrator.checkpoint import latest_complete_checkpoint
 from orchestrator.layout import RunLayout
+from orchestrator.tracking import Tracker, TrackingTarget, numeric_metrics
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -18,12 +20,15 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """Append-only metric records in `<logs_dir>/metrics.jsonl` and `<logs_dir>/tensorboard/`."""
 
-    def __init__(self, logs_dir: Optional[str], stage: str):
+    def __init__(self, logs_dir: Optional[str], stage: str, tracking: Optional[TrackingTarget] = None):
         self.logs_dir = logs_dir
         self.stage = stage
         self._writer = None
+        self._tracker = None
         if logs_dir is None:
             return
+        if tracking is not None:
+            self._tracker = Tracker(tracking)
         os.makedirs(logs_dir, exist_ok=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +48,8 @@ class MetricsLog:
                 if isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{self.stage}/{key}", value, step)
             self._writer.flush()
+        if self._tracker is not None:
+            self._tracker.log_metrics(numeric_metrics(self.stage, metrics), step)
 
     def restore_from(self, checkpoint_dir: str) -> None:
         """Continue the logs a checkpoint carries (a resumed run on remote storage starts from them)."""
@@ -66,6 +73,9 @@ class MetricsLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
 
 
 def read_metrics(logs_dir: str) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ from orchestrator.model.loading import load_tokenizer
 from orchestrator import checkpoint as ckpt
 from orchestrator.train.context import RayTrainContext, TrainContext
 from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from orchestrator.tracking import TrackingTarget
 from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model
 
@@ -94,6 +95,7 @@ class WorkerPlan:
     has_eval: bool
     prebatched: bool  # every row of the train shard already is a micro-batch (length-grouped stage 2)
     deepspeed_user_config: Optional[dict[str, Any]] = None
+    tracking: Optional[TrackingTarget] = None  # the run's MLflow / W&B runs (rank 0 logs its metrics there)
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -268,7 +270,7 @@ class WorkerRecipe:
         self.plan, self.context = plan, context
         self.rank, self.world = context.world_rank, context.world_size
         self.cache = tempfile.mkdtemp(prefix="orchestrator-model-")
-        self.logs = MetricsLog(plan.logs_dir if self.rank == 0 else None, plan.stage)
+        self.logs = MetricsLog(plan.logs_dir if self.rank == 0 else None, plan.stage, plan.tracking)
         self.accumulation = plan.train.accumulation_steps(self.world)
         warmup_steps = plan.train.warmup_steps
         self.warmup = (warmup_steps if warmup_steps is not None

@@ -24,6 +24,7 @@ from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolv
 from orchestrator.plan.planner import check_fits
 from orchestrator.provenance import git_revision, package_versions
 from orchestrator.runtime import configure_storage, ensure_ray
+from orchestrator.tracking import finish_tracking, log_files, start_tracking
 from orchestrator.train.stage_base import prepare_stage_base
 from orchestrator.train.trainer import fit_stage
 
@@ -140,17 +141,22 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
     config, data = inputs.config, inputs.data
     layout = RunLayout.of(config)
+    tracking = start_tracking(config, layout)
     ensure_ray(ray_address)
     try:
         outcome = fit_stage(config, stage, data, inputs.base_model, inputs.tokenizer_uri, layout.root,
-                            layout.logs(stage))
+                            layout.logs(stage), tracking=tracking)
     except OrchestratorError:
+        finish_tracking(tracking, failed=True)
         raise
     except Exception as exc:
+        finish_tracking(tracking, failed=True)
         raise TrainingFailed(stage, layout.stage(stage), exc) from exc
     model_uri = export_stage_model(config, stage, outcome.checkpoint_path, outcome.metrics, data.stats,
                                    inputs.base_model, inputs.tokenizer_uri, extra_lineage=inputs.lineage)
     wall = time.perf_counter() - started
+    log_files(tracking, [storage.join(model_uri, "lineage.json")], f"lineage/{stage}")
+    finish_tracking(tracking)
     log.info("%s finished in %.1f s: %s", stage, wall, outcome.metrics)
     return StageResult(stage, model_uri, outcome.checkpoint_path, outcome.metrics, data.stats, wall)
 

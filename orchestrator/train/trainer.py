@@ -17,6 +17,7 @@ from orchestrator.data.batching import (
 )
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
+from orchestrator.tracking import TrackingTarget
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 
@@ -49,10 +50,12 @@ def fit_stage(
     run_root: str,
     logs_dir: str,
     callbacks: Sequence[Any] = (),
+    tracking: Optional[TrackingTarget] = None,
 ) -> FitOutcome:
     """Train one stage on the Ray cluster; a second call with the same run_root resumes the first.
 
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when the run is a sweep trial.
+    `tracking`: the MLflow / W&B runs rank 0 logs the metrics to.
     """
     import ray
     import ray.data
@@ -101,6 +104,7 @@ def fit_stage(
         has_eval=data.eval is not None,
         prebatched=prebatched,
         deepspeed_user_config=deepspeed_user_config,
+        tracking=tracking,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -21,6 +21,7 @@ from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import CheckpointError, ConfigError, DataError
 from orchestrator.checkpoint import CheckpointInfo, list_checkpoints
 from orchestrator.layout import RunLayout
+from orchestrator.tracking import TrackingTarget, log_files, start_tracking
 from orchestrator.runtime import configure_storage, ensure_ray_with_dashboard
 from orchestrator.train.stage import StageResult, export_stage_model, prepare_stage_inputs
 from orchestrator.tune.results import (
@@ -77,13 +78,15 @@ def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = No
                         f"ranked by {config.tune.metric}; raise {stage}.data.eval_split or set eval_sources")
     sweep = RunLayout.of(config).sweep(stage)
     _record_sweep(config, stage, sweep)
+    tracking = start_tracking(config)  # each trial is a child run of the run's own
     ensure_ray_with_dashboard(ray_address)
-    tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep)
+    tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep, tracking)
     grid = tuner.fit()
     rows = sorted((_row(result, config, stage, sweep) for result in grid), key=lambda row: row.trial_id)
     best = pick_best(rows, config.tune.mode)
     wall = time.perf_counter() - started
     files = write_results(config, stage, rows, best, wall)
+    log_files(tracking, list(files.values()), f"tune/{stage}")
     log.info("%s sweep: %d trials in %.1f s; best %s %s=%.4g, checkpoint %s", stage, len(rows), wall,
              best.trial_id, config.tune.metric, best.best_metric, best.checkpoint)
     return SweepResult(stage, rows, best, trial_config(inputs.config, stage, best.params), files, data.stats,
@@ -117,14 +120,15 @@ def _record_sweep(config: PipelineConfig, stage: str, sweep: str) -> None:
 
 
 def _tuner(config: PipelineConfig, stage: str, data: PreparedData, base_model: str, tokenizer_uri: str,
-           sweep: str) -> tuple[Any, bool]:
+           sweep: str, tracking: Optional[TrackingTarget]) -> tuple[Any, bool]:
     """A new Tuner, or the interrupted one restored (finished trials are kept, unfinished ones resume)."""
     import ray
     from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, config=config, stage=stage, data=data, base_model=base_model,
-                             tokenizer=tokenizer_uri, layout=RunLayout.of(config), s3_settings=storage.current_settings()),
+                             tokenizer=tokenizer_uri, layout=RunLayout.of(config), s3_settings=storage.current_settings(),
+                             tracking=tracking),
         TRIAL_FUNCTION_RESOURCES,
     )
     storage_path, filesystem = storage.ray_storage(RunLayout.of(config).tune)

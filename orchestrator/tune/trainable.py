@@ -9,13 +9,14 @@ object store.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
 from orchestrator.train.trainer import fit_stage
 from orchestrator.layout import RunLayout
+from orchestrator.tracking import TrackingTarget, start_tracking
 from orchestrator.tune.space import trial_config
 
 # What the trial function itself holds while its Train workers do the work. Tune gives it 1 CPU by
@@ -26,8 +27,12 @@ TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, data: PreparedData,
-                base_model: str, tokenizer: str, layout: RunLayout, s3_settings: storage.S3Settings) -> None:
-    """Train `stage` with `params` applied; a rerun of the same trial (restored sweep) resumes its checkpoints."""
+                base_model: str, tokenizer: str, layout: RunLayout, s3_settings: storage.S3Settings,
+                tracking: Optional[TrackingTarget] = None) -> None:
+    """Train `stage` with `params` applied; a rerun of the same trial (restored sweep) resumes its checkpoints.
+
+    With tracking, the trial is a child run of the sweep's run (`tracking`), continued on a rerun.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -35,5 +40,6 @@ def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, d
     trial_id = tune.get_context().get_trial_id()
     trial = trial_config(config, stage, params)
     trial_layout = layout.trial(stage, trial_id)  # a run of its own: tune/<stage>/trials/<id>/
+    child = start_tracking(trial, trial_layout, parent=tracking, name=f"{stage}-{trial_id}") if tracking else None
     fit_stage(trial, stage, data, base_model, tokenizer, trial_layout.root, trial_layout.logs(stage),
-              callbacks=[TuneReportCallback()])
+              callbacks=[TuneReportCallback()], tracking=child)

@@ -120,9 +120,14 @@ def test_pipeline_lora_then_full_under_zero3(ray_cluster, tmp_path, shared_data)
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_data):
-    """ZeRO-2 full: the run dies after its step-2 checkpoint; running it again continues at step 3."""
+    """ZeRO-2 full: the run dies after its step-2 checkpoint; running it again continues at step 3,
+    in the same MLflow and W&B (offline) runs."""
     tree = make_config(tmp_path, shared_data, 2, pretrain=pretrain_section(shared_data, "full", log_every_n_steps=1))
     tree["checkpoint"]["every_n_steps"] = 2
+    mlflow_uri = (tmp_path / "mlruns").as_uri()
+    tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri},
+                        "wandb": {"project": "it", "mode": "offline", "dir": str(tmp_path / "wandb")}}
+    tree["storage"] = {"s3": {"secret_access_key": "not-for-params"}}
     failing = config_from_dict({**tree, "pretrain": {**tree["pretrain"],
                                                      "train": {**tree["pretrain"]["train"], "fail_at_step": 3}}})
     with pytest.raises(Exception, match="fault injection"):
@@ -141,6 +146,52 @@ def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_da
     steps_per_epoch = max(r["step"] for r in records if r.get("epoch") == 1 and "eval_loss" in r)
     with open(os.path.join(result.checkpoint_uri, TRAINER_STATE)) as handle:
         assert json.load(handle)["global_step"] == 2 * steps_per_epoch
+    assert_tracked(config, mlflow_uri, tmp_path / "wandb", 2 * steps_per_epoch)
+
+
+def assert_tracked(config, mlflow_uri: str, wandb_dir: Path, last_step: int) -> None:
+    """Both runs of the killed and the resumed attempt went to one MLflow run and one W&B run id."""
+    from mlflow.tracking import MlflowClient
+
+    ids = json.loads(Path(RunLayout.of(config).tracking).read_text())
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ray-llm-orchestrator").experiment_id])
+    assert [run.info.run_id for run in runs] == [ids["mlflow_run_id"]]
+    run = runs[0]
+    assert run.data.params["pretrain.train.method"] == "full"
+    assert run.data.params["storage.s3.secret_access_key"] == "**********"
+    assert "not-for-params" not in json.dumps(run.data.params)
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "pretrain/train_loss")}
+    assert steps == set(range(1, last_step + 1))  # steps 1-2 from the killed attempt, the rest resumed
+    assert client.get_metric_history(run.info.run_id, "pretrain/eval_loss")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "lineage/pretrain")] == [
+        "lineage/pretrain/lineage.json"]
+    # W&B offline: every attempt writes a run directory for the same run id, with the same metrics.
+    logged = [item for run_file in wandb_dir.glob(f"wandb/offline-run-*-{ids['wandb_run_id']}/run-*.wandb")
+              for item in wandb_history(run_file)]
+    assert {int(float(h["pretrain/step"])) for h in logged if "pretrain/train_loss" in h} == steps
+
+
+def wandb_history(path: Path) -> list[dict[str, str]]:
+    """The history rows of a W&B offline run file (a LevelDB-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, pos, pending, block = path.read_bytes(), [], 7, b"", 32768
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
 
 
 def test_worker_failure_restarts_automatically(ray_cluster, tmp_path, shared_data):

@@ -88,7 +88,10 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
              "epochs": {"values": [2, 3]}}
     # Seed 2 samples the lowest learning rate for the third trial: it reaches ASHA's first rung
     # after two better trials, so it is stopped there whatever order the first two report in.
-    config = config_from_dict(sweep_tree(str(tmp_path / "runs"), stages=["pretrain"], seed=2, search_space=space))
+    tree = sweep_tree(str(tmp_path / "runs"), stages=["pretrain"], seed=2, search_space=space)
+    mlflow_uri = (tmp_path / "mlruns").as_uri()
+    tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri, "experiment": "sweeps"}}
+    config = config_from_dict(tree)
     started = time.perf_counter()
     result = run_pipeline(config)
     sweep_wall = time.perf_counter() - started
@@ -121,6 +124,19 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
     lineage = json.loads(Path(stage.model_uri, "lineage.json").read_text())
     assert lineage["sweep"]["trial_id"] == best["trial_id"]
     assert lineage["config"]["pretrain"]["train"]["learning_rate"] == pytest.approx(best["params"]["learning_rate"])
+
+    # MLflow: the run's own run, with each trial a child run carrying its eval losses.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    parent_id = json.loads(Path(layout.tracking).read_text())["mlflow_run_id"]
+    children = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(run.info.run_name for run in children) == sorted(f"pretrain-{row['trial_id']}" for row in table)
+    for run in children:
+        assert run.data.metrics["pretrain/eval_loss"] > 0 and "pretrain.train.learning_rate" in run.data.params
+    assert {a.path for a in client.list_artifacts(parent_id, "tune/pretrain")} >= {
+        "tune/pretrain/results.csv", "tune/pretrain/best_config.yaml"}
 
     # best_config.yaml is the config with the best values; reuse_best trains exactly that.
     written = load_config(Path(sweep, "best_config.yaml"))
