@@ -6,7 +6,8 @@ Layout under `<checkpoint.storage_path>/<run_name>/` (a local path or an `s3://`
     <stage>-base/      a stage's derived base: init_adapters merged, vocabulary grown (reused on reruns)
     <stage>/           the stage's Ray Train run: checkpoint_step*/ (see orchestrator.checkpoint)
     data/<stage>/      prepared data of a stage (shards + manifest)
-    logs/<stage>/      metrics.jsonl and TensorBoard events (local storage; see `logs`)
+    logs/<stage>/      metrics.jsonl, TensorBoard events, worker-<rank>.log (local storage; see `logs`)
+    logs/driver.log    every log line of the commands run against the run
     models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained
     tune/<stage>/      a sweep: Ray Tune's state, trials/<id>/ (each a run of its own), results, best config
     eval/              the evaluation report after training (eval-<models>/ for an explicit model list)
@@ -104,8 +105,17 @@ class RunLayout:
         process; the logs travel inside every checkpoint, and a resumed run restores them from the
         checkpoint it resumes from.
         """
+        return storage.join(self.logs_root, stage)
+
+    @property
+    def logs_root(self) -> str:
+        """`<run>/logs` (local storage) or this process's scratch directory for them (remote; see `logs`)."""
         if self.is_remote:
             run_key = hashlib.sha1(self.root.encode()).hexdigest()[:10]
-            return os.path.join(tempfile.gettempdir(), "orchestrator-logs",
-                                f"{self.run_name}-{run_key}-{_SCRATCH_ID}", stage)
-        return storage.join(self.root, "logs", stage)
+            return os.path.join(tempfile.gettempdir(), "orchestrator-logs", f"{self.run_name}-{run_key}-{_SCRATCH_ID}")
+        return storage.join(self.root, "logs")
+
+    @property
+    def driver_log(self) -> str:
+        """The log file every command run against the run appends to (the CLI's `--verbose` lines and more)."""
+        return os.path.join(self.logs_root, "driver.log")

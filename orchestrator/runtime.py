@@ -22,6 +22,15 @@ from orchestrator.errors import ConfigError
 log = logging.getLogger(__name__)
 # Set by Ray's job supervisor for a job's driver: the job's runtime_env (working_dir among it).
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+_quiet = False  # see quiet_ray
+
+
+def quiet_ray(quiet: bool = True) -> None:
+    """Keep Ray's own output off this process's console: worker and actor output stays in Ray's log
+    files (and the run's logs/<stage>/worker-<rank>.log), Ray's driver-side logging shows warnings only,
+    and Ray Data draws no progress bars. Set once by the CLI before Ray starts; `--verbose` leaves it off."""
+    global _quiet
+    _quiet = quiet
 
 
 def configure_storage(storage_config: StorageConfig) -> storage.S3Settings:
@@ -31,12 +40,25 @@ def configure_storage(storage_config: StorageConfig) -> storage.S3Settings:
     return settings
 
 
+def is_quiet() -> bool:
+    """Whether this process keeps Ray's (and Tune's) output off the console (see quiet_ray)."""
+    return _quiet
+
+
 def ensure_ray(address: Optional[str] = None) -> None:
     """Connect to Ray once: `address`, else RAY_ADDRESS (set by `ray job submit`), else a new local cluster."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **_ray_output())
+
+
+def _ray_output() -> dict:
+    import ray.data
+
+    if _quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return {"log_to_driver": not _quiet, "logging_level": logging.WARNING if _quiet else logging.INFO}
 
 
 def ensure_ray_with_dashboard(address: Optional[str] = None) -> None:
@@ -55,7 +77,7 @@ def ensure_ray_with_dashboard(address: Optional[str] = None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **_ray_output())
 
 
 def job_working_dir() -> Optional[str]:

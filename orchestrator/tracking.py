@@ -105,6 +105,19 @@ def describe(target: Optional[TrackingTarget]) -> str:
     return "; ".join(parts)
 
 
+def describe_run(config: PipelineConfig) -> Optional[str]:
+    """Where a run is tracked (from its tracking.json), or None when it is not."""
+    if config.tracking.mlflow is None and config.tracking.wandb is None:
+        return None
+    ids = _read_ids(RunLayout.of(config))
+    parts = []
+    if config.tracking.mlflow is not None and ids.get("mlflow_run_id"):
+        parts.append(f"MLflow run {ids['mlflow_run_id']} ({config.tracking.mlflow.tracking_uri or 'default store'})")
+    if config.tracking.wandb is not None and ids.get("wandb_run_id"):
+        parts.append(f"W&B run {ids['wandb_run_id']} ({config.tracking.wandb.project}, {config.tracking.wandb.mode})")
+    return "; ".join(parts) or None
+
+
 def log_files(target: Optional[TrackingTarget], uris: Iterable[str], artifact_path: Optional[str] = None,
               metrics: Optional[dict[str, float]] = None) -> None:
     """Attach files (local paths or URIs) to the tracking runs as artifacts, plus final metrics."""

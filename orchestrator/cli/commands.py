@@ -31,6 +31,8 @@ def run_command(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "checkpoints":
         return _list_checkpoints(args)
+    if args.command == "runs":
+        return _runs(args)
     if args.command == "eval":
         from orchestrator.evaluation.runner import evaluate_run, parse_model_arg
         from orchestrator.runtime import check_storage_outlives_job
@@ -72,20 +74,20 @@ def run_command(args: argparse.Namespace) -> int:
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty))
         return 0
-    from orchestrator.pipeline import run_pipeline
+    from orchestrator.cli.output import log_to_file, run_summary
+    from orchestrator.layout import RunLayout
+    from orchestrator.pipeline import PipelineResult, run_pipeline
     from orchestrator.runtime import check_storage_outlives_job
     from orchestrator.train.stage import run_stage
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
     check_storage_outlives_job(config.checkpoint)
+    log_to_file(RunLayout.of(config).driver_log)
     if args.command == "pipeline":
-        stages = run_pipeline(config, args.address).stages
+        result = run_pipeline(config, args.address)
     else:
-        stages = [run_stage(config, args.command, ray_address=args.address)]
-    for result in stages:
-        print(json.dumps({"stage": result.stage, "model": result.model_uri, "checkpoint": result.checkpoint_uri,
-                          "metrics": result.metrics, "data": result.data_stats,
-                          "wall_seconds": round(result.wall_seconds, 1)}, ensure_ascii=False))
+        result = PipelineResult([run_stage(config, args.command, ray_address=args.address)])
+    print("\n".join(run_summary(config, result)))
     return 0
 
 
@@ -116,13 +118,16 @@ def _vocab(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from orchestrator.config import STAGES, load_config
+    from orchestrator.cli.output import log_to_file
     from orchestrator.errors import ConfigError
+    from orchestrator.layout import RunLayout
     from orchestrator.runtime import check_storage_outlives_job
     from orchestrator.tune.results import format_table
     from orchestrator.tune.sweep import run_sweep
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
     check_storage_outlives_job(config.checkpoint)
+    log_to_file(RunLayout.of(config).driver_log)
     stages = args.stage or config.tune.stages or [name for name in STAGES if getattr(config, name) is not None]
     if len(stages) > 1 and not (args.stage or config.tune.stages):
         raise ConfigError("the config has both stages; say which to sweep with --stage (or tune.stages)")
@@ -179,6 +184,25 @@ def _validate_deployment(args: argparse.Namespace) -> int:
         print(f"PROBLEM  {problem}")
     print(f"{len(report.problems)} problem(s)")
     return 0 if report.ok else 1
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from orchestrator import storage
+    from orchestrator.config import load_config
+    from orchestrator.layout import RunLayout
+    from orchestrator.runs import format_run, format_runs, list_runs, read_run
+    from orchestrator.runtime import configure_storage
+
+    if args.config:
+        configure_storage(load_config(args.config).storage)
+    if args.action == "list":
+        runs = list_runs(args.root)
+        print(json.dumps([r.to_json() for r in runs], indent=1, default=str) if args.json else format_runs(runs))
+        return 0
+    parent, _, name = storage.join(args.run).rpartition("/")
+    run = read_run(RunLayout(parent, name))
+    print(json.dumps(run.to_json(), indent=1, default=str) if args.json else format_run(run))
+    return 0 if run.stages else 1
 
 
 def _list_checkpoints(args: argparse.Namespace) -> int:

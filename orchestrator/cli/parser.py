@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("uri", help="a stage's run directory, e.g. s3://bucket/runs/<run>/pretrain")
     checkpoints.add_argument("--config", "-c", help="config whose storage.s3 settings to use (else AWS defaults)")
     checkpoints.add_argument("--json", action="store_true", help="machine-readable output")
+    runs = sub.add_parser("runs", help="runs at a glance: what a storage root (local or s3://) holds")
+    runs_actions = runs.add_subparsers(dest="action", required=True)
+    runs_list = runs_actions.add_parser("list", help="every run under a root: stages done, best eval loss, latest "
+                                        "complete checkpoint, sweep best")
+    runs_list.add_argument("root", help="a checkpoint.storage_path, e.g. runs or s3://bucket/runs")
+    runs_show = runs_actions.add_parser("show", help="one run per stage: data fingerprint, steps, metrics, "
+                                        "checkpoints, lineage")
+    runs_show.add_argument("run", help="a run directory, e.g. runs/tiny-demo or s3://bucket/runs/tiny-demo")
+    for action in (runs_list, runs_show):
+        action.add_argument("--json", action="store_true", help="machine-readable output")
+        action.add_argument("--config", "-c", help="config whose storage.s3 settings to use (else AWS defaults)")
     merge = sub.add_parser("merge", help="fold LoRA adapter(s) into a base model (checked by logits)")
     merge.add_argument("--base", required=True, help="base model directory or URI")
     merge.add_argument("--adapter", required=True, action="append", help="adapter directory or URI (repeatable, in order)")
@@ -99,7 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_validate = cluster.add_parser("validate", help="check it offline with Ray's own checks")
     cluster_validate.add_argument("paths", nargs="*", help="cluster YAML files (default: cluster/*.yaml)")
     _add_vocab_parser(sub)
+    _add_verbose(parser)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` on every command (after its name, like its other options)."""
+    if parser._subparsers is None:
+        parser.add_argument("--verbose", "-v", action="store_true", help="show every log line (Ray's worker "
+                            "output, DeepSpeed, library warnings) instead of progress bars and summaries")
+        return
+    for action in parser._subparsers._group_actions:
+        for child in dict.fromkeys(action.choices.values()):
+            _add_verbose(child)
 
 
 def _add_vocab_parser(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from orchestrator import storage
+from orchestrator import progress, storage
 from orchestrator.config import STAGES, PipelineConfig, s3_settings
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation.report import EvalReport, build_samples, loss_curves, write_report
@@ -173,8 +173,10 @@ def evaluate_models(config: PipelineConfig, models: Sequence[ModelSpec], out_uri
     for model in models:
         log.info("evaluating %s (%s): %d requests on %d replica(s)", model.name, model.uri, len(requests),
                  cfg.replicas)
-        responses = score_with_ray(model, requests, config, settings) if requests else {}
-        scores[model.name] = summarise(sets, responses, patterns)
+        with progress.step(f"eval: {model.name}", total=len(requests), unit="request") as bar:
+            responses = score_with_ray(model, requests, config, settings) if requests else {}
+            scores[model.name] = summarise(sets, responses, patterns)
+            bar.update(done=len(requests), **{k: round(v, 4) for k, v in list(scores[model.name].metrics.items())[:3]})
         log.info("%s: %s", model.name, ", ".join(f"{k} {v:.4g}" for k, v in scores[model.name].metrics.items()))
     report = EvalReport(
         run_name=config.run_name,

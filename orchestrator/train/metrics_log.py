@@ -3,11 +3,13 @@ runs (rank 0 only; other ranks get a no-op)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from orchestrator import storage
 from orchestrator.checkpoint import latest_complete_checkpoint
@@ -94,3 +96,44 @@ def read_stage_metrics(layout: RunLayout, stage: str) -> list[dict[str, Any]]:
         return []
     text = storage.read_bytes(storage.join(latest, "logs", METRICS_FILE)).decode("utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def follow_metrics(logs_dir: str, on_record: Callable[[dict[str, Any]], None],
+                   interval_s: float = 1.0) -> Iterator[None]:
+    """Call `on_record` with each record of `<logs_dir>/metrics.jsonl` (those there and those appended)
+    while the block runs: the driver's view of rank 0's progress, when it can see that directory."""
+    stop = threading.Event()
+    path = os.path.join(logs_dir, METRICS_FILE)
+
+    def follow() -> None:
+        offset = 0
+        while True:
+            last_round = stop.is_set()  # one more read after the block ended: the final records
+            offset = _read_new_records(path, offset, on_record)
+            if last_round:
+                return
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=follow, name="follow-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _read_new_records(path: str, offset: int, on_record: Callable[[dict[str, Any]], None]) -> int:
+    """Hand the complete lines after `offset` to `on_record`; returns the new offset."""
+    try:
+        if os.path.getsize(path) < offset:  # replaced (a resume restores the logs of its checkpoint)
+            offset = 0
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            while (line := handle.readline()).endswith(b"\n"):
+                offset = handle.tell()
+                on_record(json.loads(line))
+    except (OSError, ValueError):
+        pass  # not written yet, or a line cut short: read again next time
+    return offset

@@ -541,4 +541,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     storage.configure(ray.get(loop_config["storage_settings"]))
-    run_recipe(loop_config["plan"], RayTrainContext())
+    context = RayTrainContext()
+    log_worker_to_file(loop_config["plan"].logs_dir, context.world_rank)
+    run_recipe(loop_config["plan"], context)
+
+
+def log_worker_to_file(logs_dir: str, rank: int) -> None:
+    """This worker's log lines (ours, DeepSpeed's, library warnings) also go to `<logs_dir>/worker-<rank>.log`,
+    where a quiet CLI (which does not stream worker output) still keeps them."""
+    os.makedirs(logs_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(logs_dir, f"worker-{rank}.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    for logger in (logging.getLogger(), logging.getLogger("DeepSpeed")):  # DeepSpeed's does not propagate
+        logger.addHandler(handler)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from orchestrator import storage
+from orchestrator import progress, storage
 from orchestrator.checkpoint import latest_complete_checkpoint
 from orchestrator.config import PipelineConfig
 from orchestrator.data.formats import load_examples
@@ -127,7 +127,9 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
     tokenizer_uri = tokenizer_uri or base_model
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
-    data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
+    with progress.step(f"{stage}: prepare data") as bar:
+        data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
+        bar.update(records=data.stats.get("records"), tokens=data.stats.get("train_tokens"))
     # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
     stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, RunLayout.of(config))
     return StageInputs(stage_base.config, stage_base.model_uri, tokenizer_uri, data, stage_base.lineage)
@@ -178,5 +180,6 @@ def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_lineage or {}),
     }
-    return export_model(checkpoint_uri, base_model, train_cfg.method, RunLayout.of(config).model(stage),
-                        resolve_dtype(config.model.dtype, train_cfg.precision), lineage)
+    with progress.step(f"{stage}: export model"):
+        return export_model(checkpoint_uri, base_model, train_cfg.method, RunLayout.of(config).model(stage),
+                            resolve_dtype(config.model.dtype, train_cfg.precision), lineage)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from orchestrator import storage
+from orchestrator import progress, storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.batching import (
     consecutive_batches,
@@ -19,6 +19,7 @@ from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.tracking import TrackingTarget
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
+from orchestrator.train.metrics_log import follow_metrics
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ def _length_grouped(stage: str, table: Any, micro_batch_size: int, seed: int) ->
              len(batches), 100 * padding_efficiency(lengths, batches),
              100 * padding_efficiency(lengths, consecutive_batches(len(lengths), micro_batch_size)))
     return prebatch_table(table, batches)
+
+
+def show_progress(bar: progress.Step, record: dict[str, Any]) -> None:
+    """A metrics record of rank 0 on the training step's progress bar."""
+    if "train_loss" in record:
+        bar.update(done=record.get("step"), loss=round(record["train_loss"], 4),
+                   lr=f"{record.get('learning_rate', 0):.2e}", tok_s=round(record.get("tokens_per_s", 0)))
+    if "eval_loss" in record:
+        bar.update(done=record.get("step"), eval_loss=round(record["eval_loss"], 4))
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,9 @@ def fit_stage(
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
     )
     log.info("%s: fitting with %d workers, schedule %s", stage, dist.num_workers, schedule)
-    result = trainer.fit()
+    with progress.step(f"{stage}: train", total=schedule.total_steps, unit="step") as bar, \
+            follow_metrics(logs_dir, lambda record: show_progress(bar, record)):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     return FitOutcome(storage.to_uri(result.checkpoint.path, filesystem), dict(result.metrics or {}),

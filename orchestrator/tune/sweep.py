@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from orchestrator import storage
+from orchestrator import progress, storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import CheckpointError, ConfigError, DataError
 from orchestrator.checkpoint import CheckpointInfo, list_checkpoints
 from orchestrator.layout import RunLayout
 from orchestrator.tracking import TrackingTarget, log_files, start_tracking
-from orchestrator.runtime import configure_storage, ensure_ray_with_dashboard
+from orchestrator.runtime import configure_storage, ensure_ray_with_dashboard, is_quiet
 from orchestrator.train.stage import StageResult, export_stage_model, prepare_stage_inputs
 from orchestrator.tune.results import (
     SWEEP_RECORD,
@@ -81,7 +81,9 @@ def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     tracking = start_tracking(config)  # each trial is a child run of the run's own
     ensure_ray_with_dashboard(ray_address)
     tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep, tracking)
-    grid = tuner.fit()
+    with progress.step(f"{stage}: sweep", total=config.tune.num_samples, unit="trial") as bar:
+        grid = tuner.fit()
+        bar.update(done=len(grid))
     rows = sorted((_row(result, config, stage, sweep) for result in grid), key=lambda row: row.trial_id)
     best = pick_best(rows, config.tune.mode)
     wall = time.perf_counter() - started
@@ -157,7 +159,8 @@ def _tuner(config: PipelineConfig, stage: str, data: PreparedData, base_model: s
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(name=stage, storage_path=storage_path, storage_filesystem=filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=0 if is_quiet() else 1),
     )
     return tuner, False
 

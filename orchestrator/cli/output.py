@@ -1,0 +1,166 @@
+"""What the command line shows. Quiet by default: one progress bar per long step, a summary per stage,
+this library's warnings, errors in full. `--verbose`: every log line, Ray's worker output included.
+Either way every log line of the driver also goes to the run's `logs/driver.log` (the workers write
+`logs/<stage>/worker-<rank>.log`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional, TextIO
+
+from orchestrator import progress
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_file_handlers: dict[str, logging.Handler] = {}
+# Libraries that draw on the console themselves: transformers' own handler bypasses ours; tqdm bars of
+# libraries (weights loading, Ray Data) are off (ours pass disable=False). Train workers on a local cluster
+# inherit these.
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+
+
+class _QuietConsole(logging.Filter):
+    """Errors from anyone; warnings from this library (e.g. the memory plan) only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or (
+            record.levelno >= logging.WARNING and record.name.startswith("orchestrator"))
+
+
+def configure_output(verbose: bool) -> Callable[[], None]:
+    """Set this process's console up: quiet (progress bars) or verbose (every log line).
+
+    Returns a function that undoes it (the CLI's `main` calls it when the command ends, so running
+    `main` inside another program, a test or a job leaves that program's output as it was).
+    """
+    from orchestrator.runtime import is_quiet, quiet_ray
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), progress.install(None), is_quiet(),
+             {name: os.environ.get(name) for name in _QUIET_ENV})
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+                getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            root.removeHandler(handler)  # a basicConfig console handler: ours replaces it
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(console)
+    logging.captureWarnings(True)  # library warnings become log records: in the log file, quiet on screen
+    if not verbose:
+        console.addFilter(_QuietConsole())
+        quiet_ray()
+        for name, value in _QUIET_ENV.items():
+            os.environ.setdefault(name, value)
+        progress.install(ProgressBars(sys.stderr))
+
+    def restore() -> None:
+        level, handlers, listener, quiet, env = saved
+        for handler in list(root.handlers):
+            if handler not in handlers:  # ours: the console and the run's log files
+                root.removeHandler(handler)
+                handler.close()
+        for path in [p for p, h in _file_handlers.items() if h not in handlers]:
+            del _file_handlers[path]
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        progress.install(listener)
+        quiet_ray(quiet)
+        logging.captureWarnings(False)
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
+
+
+def log_to_file(path: str) -> None:
+    """Append every log line of this process to `path` too (once per path)."""
+    if path in _file_handlers:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    _file_handlers[path] = handler
+
+
+class ProgressBars:
+    """A progress.Listener: a live bar per step on a terminal, one line per finished step otherwise."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.live = stream.isatty()
+        self._bars: dict[int, Any] = {}
+
+    def begin(self, step: progress.Step) -> None:
+        if not self.live:
+            return
+        from tqdm import tqdm
+
+        self._bars[id(step)] = tqdm(total=step.total, desc=step.name, unit=step.unit, file=self.stream,
+                                    dynamic_ncols=True, leave=False, disable=False,
+                                    bar_format=None if step.total else "{desc}: {elapsed}{postfix}")
+
+    def update(self, step: progress.Step) -> None:
+        bar = self._bars.get(id(step))
+        if bar is not None:
+            bar.n = step.done
+            bar.set_postfix(step.fields, refresh=False)
+            bar.refresh()
+
+    def end(self, step: progress.Step, ok: bool) -> None:
+        bar = self._bars.pop(id(step), None)
+        if bar is not None:
+            bar.close()
+        print(finished_line(step, ok), file=self.stream, flush=True)
+
+
+def finished_line(step: progress.Step, ok: bool) -> str:
+    """`✓ pretrain: train  40/40 steps  52.1 s  loss=2.1 eval_loss=2.3`."""
+    count = f"  {step.done}/{step.total} {step.unit}s" if step.total else ""
+    figures = " ".join(f"{k}={v}" for k, v in step.fields.items() if v is not None)
+    return f"{'✓' if ok else '✗'} {step.name}{count}  {step.seconds:.1f} s  {figures}".rstrip()
+
+
+def stage_summary(result: Any) -> list[str]:
+    """A finished stage in a few lines: figures, then where its outputs are."""
+    metrics, figures = result.metrics, []
+    for key, label in (("train_loss", "train_loss"), ("eval_loss", "eval_loss"), ("eval_perplexity", "ppl")):
+        if isinstance(metrics.get(key), (int, float)):
+            figures.append(f"{label} {metrics[key]:.4f}" if key != "eval_perplexity" else f"{label} {metrics[key]:.1f}")
+    if isinstance(metrics.get("tokens_per_s_run"), (int, float)):
+        figures.append(f"{metrics['tokens_per_s_run']:.0f} tokens/s")
+    tokens = result.data_stats.get("train_tokens")
+    head = f"{result.stage}: {result.wall_seconds:.0f} s" + (f", {tokens} training tokens" if tokens else "")
+    return [f"{head}; {', '.join(figures)}" if figures else head,
+            f"  model       {result.model_uri}",
+            f"  checkpoint  {result.checkpoint_uri}"]
+
+
+def outputs_summary(layout: Any, eval_report: Optional[str] = None, tracking: Optional[str] = None) -> list[str]:
+    """Where the rest of a run went: logs, the evaluation report, the tracking runs."""
+    lines = [f"run         {layout.root}", f"logs        {layout.logs_root}/  (metrics.jsonl, TensorBoard, "
+             "worker logs, driver.log)"]
+    if eval_report:
+        lines.append(f"eval report {eval_report}")
+    if tracking:
+        lines.append(f"tracking    {tracking}")
+    return lines
+
+
+def run_summary(config: Any, result: Any) -> list[str]:
+    """A finished run (a PipelineResult): each stage's figures and outputs, then where the rest went."""
+    from orchestrator.layout import RunLayout
+    from orchestrator.tracking import describe_run
+
+    lines = [""]
+    for stage in result.stages:
+        lines.extend(stage_summary(stage))
+    return lines + outputs_summary(RunLayout.of(config), result.eval_report, describe_run(config))
