@@ -94,6 +94,37 @@ def cluster_findings(spec: dict[str, Any], at: tuple[PathPart, ...], facts: Proj
             if isinstance(replicas, int) and not low <= replicas <= high:
                 findings.append(Finding(where + ("replicas",), f"{replicas} is outside minReplicas..maxReplicas "
                                                                f"({low}..{high})"))
+            if low < high and spec.get("enableInTreeAutoscaling") is not True:
+                findings.append(Finding(where + ("maxReplicas",), f"minReplicas {low} < maxReplicas {high}, but "
+                                        f"{_dotted(at + ('enableInTreeAutoscaling',))} is not true: without Ray's "
+                                        "autoscaler the group never scales past `replicas`; enable it (or set "
+                                        "minReplicas = maxReplicas)"))
+    return findings
+
+
+def _dotted(at: tuple[PathPart, ...]) -> str:
+    return ".".join(str(part) for part in at)
+
+
+def serve_autoscaling_findings(cluster: dict[str, Any], serve_text: Any, at: tuple[PathPart, ...]) -> list[Finding]:
+    """Serve deployments that autoscale on a cluster whose Ray autoscaler is off: their extra replicas
+    wait for nodes that never come (the head and the fixed workers only)."""
+    if cluster.get("enableInTreeAutoscaling") is True:
+        return []
+    try:
+        config = yaml.safe_load(serve_text) if isinstance(serve_text, str) else None
+    except yaml.YAMLError:
+        return []  # reported by the Serve config check
+    findings = []
+    for app_index, app in enumerate((config or {}).get("applications") or [] if isinstance(config, dict) else []):
+        for index, deployment in enumerate(app.get("deployments") or []):
+            if isinstance(deployment, dict) and (deployment.get("autoscaling_config")
+                                                 or deployment.get("num_replicas") == "auto"):
+                key = "autoscaling_config" if deployment.get("autoscaling_config") else "num_replicas"
+                findings.append(Finding(at + ("applications", app_index, "deployments", index, key),
+                                        "this deployment autoscales, but spec.rayClusterConfig.enableInTreeAutoscaling"
+                                        " is not true: replicas beyond what the fixed nodes fit never start; "
+                                        "enable Ray's autoscaler"))
     return findings
 
 
@@ -189,6 +220,7 @@ def service_findings(spec: dict[str, Any], facts: ProjectFacts) -> list[Finding]
                                  "ports"), "no port named 'serve': KubeRay's serve Service exposes that port"))
     if "serveConfigV2" not in spec:
         return findings + [Finding(("spec", "serveConfigV2"), "required: the Ray Serve config to deploy")]
+    findings += serve_autoscaling_findings(cluster, spec["serveConfigV2"], ("spec", "serveConfigV2"))
     return findings + serve_config_findings(spec["serveConfigV2"], ("spec", "serveConfigV2"), facts.root, serve_port)
 
 

@@ -175,6 +175,11 @@ SERVE_AT = "spec.serveConfigV2.applications[0].deployments[0]"
         overrides="serve.max_batch_size=64")), "spec.serveConfigV2.applications[0].args", "cannot be built"),
     ("RayService/llm-serve", lambda s: _set_serve(s, lambda c: c["http_options"].update(port=9000)),
      "spec.serveConfigV2.http_options.port", "port named 'serve' is 8000"),
+    ("RayJob/llm-pretrain", lambda s: s["rayClusterSpec"].pop("enableInTreeAutoscaling"),
+     "spec.rayClusterSpec.workerGroupSpecs[0].maxReplicas",
+     "minReplicas 1 < maxReplicas 2, but spec.rayClusterSpec.enableInTreeAutoscaling is not true"),
+    ("RayService/llm-serve", lambda s: s["rayClusterConfig"].update(enableInTreeAutoscaling=False),
+     f"{SERVE_AT}.autoscaling_config", "this deployment autoscales, but spec.rayClusterConfig.enableInTreeAutoscaling"),
 ])
 def test_semantic_checks_name_the_field(overlays, facts, key, change, path, message):
     resource = _mutated_dev(overlays, key, change)
