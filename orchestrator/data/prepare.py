@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from orchestrator.config import DataConfig
 from orchestrator.data.formats import load_examples
+from orchestrator.data.preference import as_pairs, as_unpaired, encode_pairs, encode_unpaired, load_preference_records
 from orchestrator.data.pretrain import pack_documents
 from orchestrator.data.replay import mix_replay_examples, pack_with_replay
 from orchestrator.data.sft import IGNORE_INDEX, tokenize_conversations
@@ -25,7 +26,7 @@ from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
 
-StageKind = Literal["pretrain", "sft"]
+StageKind = Literal["pretrain", "sft", "preference"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,55 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
     return PreparedData(train_table, eval_table, stats)
 
 
-def prepare_stage_data(stage: StageKind, data: DataConfig, tokenizer: Any) -> PreparedData:
-    """Dispatch on the stage kind."""
+def prepare_preference(data: DataConfig, tokenizer: Any, unpaired: bool = False) -> PreparedData:
+    """Stage 3 data: preference pairs (or, for KTO, unpaired examples) → token columns, split by record.
+
+    Example ids run over train then eval, so precomputed reference log-probs can be keyed by them.
+    """
+    template = select_template(data.template, tokenizer)
+    records, report = load_preference_records(data.sources, data.bad_records, data.shuffle_seed)
+    if data.eval_sources:
+        train_records = records
+        eval_records, _ = load_preference_records(data.eval_sources, data.bad_records, data.shuffle_seed)
+    else:
+        train_records, eval_records = split_eval(records, data.eval_split, data.shuffle_seed)
+    shape, encode = (as_unpaired, encode_unpaired) if unpaired else (as_pairs, encode_pairs)
+    train_examples, eval_examples = shape(train_records), shape(eval_records)
+    train = encode(train_examples, tokenizer, template, data.max_length)
+    evals = encode(eval_examples, tokenizer, template, data.max_length, first_id=len(train_examples))
+    token_columns = ("input_ids", "kl_input_ids") if unpaired else ("chosen_input_ids", "rejected_input_ids")
+    label_columns = ("labels",) if unpaired else ("chosen_labels", "rejected_labels")
+    stats = {
+        "records": report.records,
+        "skipped_records": report.skipped,
+        "files": report.files,
+        "template": template.name,
+        "kind": "unpaired" if unpaired else "pairs",
+        "train_examples": len(train_examples),
+        "eval_examples": len(eval_examples),
+        "train_tokens": int(sum(len(row) for name in token_columns for row in train[name])),
+        "trainable_tokens": int(sum(int((row != -100).sum()) for name in label_columns for row in train[name])),
+        "max_length": data.max_length,
+    }
+    _log_stats("preference", stats, report.errors)
+    return PreparedData(_preference_table(train), _preference_table(evals) if eval_examples else None, stats)
+
+
+def _preference_table(columns: dict[str, list]) -> pa.Table:
+    ragged = _ragged_table({k: v for k, v in columns.items() if k.endswith(("input_ids", "labels"))})
+    for name in ("desirable", "example_id"):
+        if name in columns:
+            ragged = ragged.append_column(name, pa.array(columns[name], type=pa.bool_() if name == "desirable"
+                                                         else pa.int64()))
+    return ragged
+
+
+def prepare_stage_data(stage: StageKind, data: DataConfig, tokenizer: Any, unpaired: bool = False) -> PreparedData:
+    """Dispatch on the stage kind (`unpaired`: stage 3 with the KTO loss)."""
     if not data.sources:
         raise DataError(f"{stage}.data.sources is empty; list at least one file, directory, glob or URI")
+    if stage == "preference":
+        return prepare_preference(data, tokenizer, unpaired)
     return prepare_pretrain(data, tokenizer) if stage == "pretrain" else prepare_sft(data, tokenizer)
 
 
