@@ -1,5 +1,5 @@
-"""The top of the library: stage 1 → stage 2, each plain, swept or with a sweep's best settings,
-then the evaluation of the run.
+"""The top of the library: stage 1 → stage 2 → stage 3 (preference), each plain, swept or with a sweep's
+best settings, then the evaluation of the run.
 
 Each stage hands the next its exported model (`models/<stage>/`, LoRA merged, tokenizer included);
 the paths of a run are `orchestrator.layout.RunLayout`'s.
@@ -46,9 +46,9 @@ def train_stage(config: PipelineConfig, stage: str, base_model: Optional[str], t
 
 
 def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> PipelineResult:
-    """Stage 1 (if configured), then stage 2 (if configured) starting from stage 1's merged model."""
-    if config.pretrain is None and config.sft is None:
-        raise ConfigError("the config has neither a `pretrain:` nor an `sft:` section; nothing to run")
+    """Stage 1, 2 and 3 — those configured —, each starting from the previous one's merged model."""
+    if config.pretrain is None and config.sft is None and config.preference is None:
+        raise ConfigError("the config has no `pretrain:`, `sft:` or `preference:` section; nothing to run")
     configure_storage(config.storage)
     for swept in config.tune.stages:
         check_sweep(config, swept)  # a bad stage-2 search space fails before stage 1 trains
@@ -60,7 +60,11 @@ def run_pipeline(config: PipelineConfig, ray_address: Optional[str] = None) -> P
         # Stage 2 starts from stage 1's merged model, which carries the tokenizer.
         base_model, tokenizer_uri = stage1.model_uri, None
     if config.sft is not None:
-        result.stages.append(train_stage(config, "sft", base_model, tokenizer_uri, ray_address))
+        stage2 = train_stage(config, "sft", base_model, tokenizer_uri, ray_address)
+        result.stages.append(stage2)
+        base_model, tokenizer_uri = stage2.model_uri, None
+    if config.preference is not None:
+        result.stages.append(train_stage(config, "preference", base_model, tokenizer_uri, ray_address))
     if config.eval.after_training:
         outcome = evaluate_run(config, ray_address=ray_address)
         result.eval_report = outcome.files["report.md"]

@@ -38,13 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("pretrain", "stage 1: continued pretraining on documents"),
         ("sft", "stage 2: supervised fine-tuning on conversations"),
-        ("pipeline", "stage 1, merge, then stage 2 on stage 1's model"),
+        ("preference", "stage 3: preference optimisation (DPO, IPO, ORPO, SimPO, KTO) on stage 2's model"),
+        ("pipeline", "every configured stage in order, each on the previous stage's merged model"),
     ):
         _add_config_args(sub.add_parser(name, help=help_text))
     tune_cmd = sub.add_parser("tune", help="sweep a stage's hyperparameters with Ray Tune (the config's `tune:` "
                               "section); running it again resumes an interrupted sweep")
     _add_config_args(tune_cmd)
-    tune_cmd.add_argument("--stage", choices=["pretrain", "sft"], action="append",
+    tune_cmd.add_argument("--stage", choices=["pretrain", "sft", "preference"], action="append",
                           help="stage(s) to sweep; default: tune.stages, else the config's only stage")
     show = sub.add_parser("config", help="print the resolved config (after overrides) or the schema")
     show.add_argument("what", choices=["show", "schema"])

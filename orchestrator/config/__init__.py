@@ -2,7 +2,7 @@
 
 One YAML file describes a whole run: the base model and tokenizer, the cluster shape, where
 checkpoints go, and the stages (``pretrain`` = continued pretraining, ``sft`` = supervised
-fine-tuning), each with its own data and training settings. Any key can be overridden on the
+fine-tuning, ``preference`` = DPO and friends), each with its own data and training settings. Any key can be overridden on the
 command line with a dotted path, e.g. ``sft.train.learning_rate=1e-4``.
 
 Every field carries a description; that text is the reference documentation
@@ -20,5 +20,6 @@ from orchestrator.config.eval import EvalGenerationConfig, QASetConfig, Multiple
 from orchestrator.config.plan import PlanConfig  # noqa: F401
 from orchestrator.config.tune import SearchDimension, PositiveDimension, FractionDimension, NonNegativeDimension, CountDimension, NonNegativeCountDimension, SearchSpaceConfig, SEARCH_PARAMETER_KEYS, StageSearchSpaces, AshaConfig, TuneConfig  # noqa: F401
 from orchestrator.config.tracking import MlflowConfig, WandbConfig, TrackingConfig  # noqa: F401
-from orchestrator.config.pipeline import StageConfig, PipelineConfig, STAGES  # noqa: F401
+from orchestrator.config.preference import PreferenceTrainConfig  # noqa: F401
+from orchestrator.config.pipeline import StageConfig, PreferenceStageConfig, PipelineConfig, STAGES  # noqa: F401
 from orchestrator.config.loader import parse_override, apply_overrides, load_config, load_config_for_models, config_from_dict, describe_schema  # noqa: F401

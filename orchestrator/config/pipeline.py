@@ -14,6 +14,7 @@ from orchestrator.config.distributed import DistributedConfig
 from orchestrator.config.eval import EvalConfig
 from orchestrator.config.model import ModelConfig, TokenizerConfig
 from orchestrator.config.plan import PlanConfig
+from orchestrator.config.preference import PreferenceTrainConfig
 from orchestrator.config.serve import ServeConfig
 from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.train import PROMPT_METHODS, TrainConfig
@@ -27,8 +28,15 @@ class StageConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings of this stage.")
 
 
+class PreferenceStageConfig(StageConfig):
+    """Stage 3: preference pairs (or KTO's labelled answers) and the optimisation settings with the loss."""
+
+    train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig,
+                                         description="Optimisation settings and the preference loss.")
+
+
 class PipelineConfig(Section):
-    """The whole run: shared settings plus the two stages."""
+    """The whole run: shared settings plus the stages."""
 
     run_name: str = Field(
         "run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run; a second run with the "
@@ -44,6 +52,9 @@ class PipelineConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP serving of the final model.")
     pretrain: Optional[StageConfig] = Field(None, description="Stage 1: continued pretraining on documents.")
     sft: Optional[StageConfig] = Field(None, description="Stage 2: supervised fine-tuning on conversations.")
+    preference: Optional[PreferenceStageConfig] = Field(
+        None, description="Stage 3: preference optimisation (DPO, IPO, ORPO, SimPO, KTO), from stage 2's model."
+    )
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter sweeps (Ray Tune).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow, "
                                      "Weights & Biases); off by default.")
@@ -76,19 +87,20 @@ class PipelineConfig(Section):
                     f"{name}.train.method=adalora does not work with distributed.zero_stage=3: AdaLoRA reallocates "
                     "ranks over whole adapter matrices, which ZeRO-3 partitions; use zero_stage 0, 1 or 2"
                 )
-            if method in PROMPT_METHODS and name == "pretrain" and self.sft is not None:
+            later = [after for after in STAGES[STAGES.index(name) + 1:] if getattr(self, after) is not None]
+            if method in PROMPT_METHODS and later:
                 raise ValueError(
-                    f"pretrain.train.method={method} trains virtual tokens that cannot be merged into the weights, "
-                    "so stage 2 cannot start from it; use it in the last stage only (or full/freeze/lora/adalora)"
+                    f"{name}.train.method={method} trains virtual tokens that cannot be merged into the weights, "
+                    f"so {later[0]} cannot start from it; use it in the last stage only (or full/freeze/lora/adalora)"
                 )
         return self
 
     def stage(self, name: str) -> StageConfig:
-        """The config of stage `name` ('pretrain' or 'sft'); an error if the file has none."""
+        """The config of stage `name` ('pretrain', 'sft' or 'preference'); an error if the file has none."""
         stage = getattr(self, name, None) if name in STAGES else None
         if stage is None:
             raise ConfigError(f"the config has no `{name}:` section; add one to run stage '{name}'")
         return stage
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "preference")

@@ -36,6 +36,7 @@ from orchestrator.config import (
     DistributedConfig,
     EvalConfig,
     ModelConfig,
+    PreferenceTrainConfig,
     TrainConfig,
 )
 from orchestrator.data.sft import IGNORE_INDEX
@@ -46,6 +47,7 @@ from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_
 from orchestrator.tracking import TrackingTarget
 from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model
+from orchestrator.train.preference_step import PreferenceObjective, build_reference_engine
 
 log = logging.getLogger("orchestrator.train")
 
@@ -143,8 +145,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: torch.device,
-             prebatched: bool) -> Iterator[dict]:
+def _batches(shard: Any, micro_batch_size: int, seed: int, collate_rows: Any, prebatched: bool) -> Iterator[dict]:
     """This worker's micro-batches for one epoch, shuffled with `seed`.
 
     `prebatched`: every row already is a micro-batch (length-grouped stage 2 data).
@@ -159,7 +160,7 @@ def _batches(shard: Any, micro_batch_size: int, seed: int, pad_id: int, device: 
     ):
         if prebatched:
             batch = {name: list(column[0]) for name, column in batch.items()}
-        yield collate(batch, pad_id, device)
+        yield collate_rows(batch)
 
 
 def evaluate(engine: Any, eval_data: Any, micro_batch_size: int, pad_id: int, device: torch.device,
@@ -230,21 +231,29 @@ class StepMeter:
     started: float = field(default_factory=time.perf_counter)
     run_tokens: int = 0
     run_started: float = field(default_factory=time.perf_counter)
+    extras: dict[str, float] = field(default_factory=dict)  # sums of per-micro-batch metrics (preference rewards)
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, extras: Optional[dict[str, float]] = None) -> None:
         self.loss_sum += loss
         self.micro_batches += 1
         self.tokens += tokens
         self.run_tokens += tokens
+        for name, value in (extras or {}).items():
+            self.extras[name] = self.extras.get(name, 0.0) + value
 
     def take_window(self) -> dict[str, float]:
-        """Mean loss and token throughput of the window over all ranks (collective); starts a new window."""
-        counts = torch.tensor([self.tokens, self.loss_sum, self.micro_batches], dtype=torch.float64)
+        """Mean loss (and extras) and token throughput of the window over all ranks (collective); starts a new
+        window. Every rank has the same extras' names (the same objective)."""
+        names = sorted(self.extras)
+        counts = torch.tensor([self.tokens, self.loss_sum, self.micro_batches, *(self.extras[n] for n in names)],
+                              dtype=torch.float64)
         dist.all_reduce(counts)
         elapsed = time.perf_counter() - self.started
-        self.loss_sum, self.micro_batches, self.tokens = 0.0, 0, 0
+        self.loss_sum, self.micro_batches, self.tokens, self.extras = 0.0, 0, 0, {}
         self.started = time.perf_counter()
-        return {"train_loss": counts[1].item() / max(counts[2].item(), 1), "tokens_per_s": counts[0].item() / elapsed}
+        micro = max(counts[2].item(), 1)
+        return {"train_loss": counts[1].item() / micro, "tokens_per_s": counts[0].item() / elapsed,
+                **{name: counts[3 + i].item() / micro for i, name in enumerate(names)}}
 
     def run_tokens_per_s(self, world_size: int) -> float:
         return self.run_tokens * world_size / max(time.perf_counter() - self.run_started, 1e-9)
@@ -279,6 +288,7 @@ class WorkerRecipe:
         self.eval_batch = plan.eval.micro_batch_size or plan.train.micro_batch_size
         self.meter = StepMeter()
         self.engine: Any = None
+        self.objective: Optional[PreferenceObjective] = None  # stage 3: the preference loss instead of the LM loss
 
     # --- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -294,6 +304,8 @@ class WorkerRecipe:
             self.engine, self.ds_config = self._setup_engine(model_dir, tokenizer_dir,
                                                              resume.root if new_world else None)
             self.state = self._resume(resume, new_world)
+        if isinstance(plan.train, PreferenceTrainConfig):
+            self.objective = self._setup_preference(model_dir)
         self.resumed_from = resume.source if resume is not None else None
         self.train_shard = self.context.get_dataset_shard("train")
         self.eval_data = self.context.get_dataset_shard("eval") if plan.has_eval else None
@@ -338,6 +350,25 @@ class WorkerRecipe:
         if plan.train.torch_compile:
             engine.compile(backend=plan.train.torch_compile_backend)
         return engine, ds_config
+
+    def _setup_preference(self, model_dir: str) -> PreferenceObjective:
+        """Stage 3's objective; full and freeze get a frozen reference copy of the stage base (adapter methods
+        disable their adapters instead, reference-free losses need none)."""
+        plan, reference = self.plan, None
+        if plan.train.needs_reference and not self.is_adapter:
+            from orchestrator.model.loading import align_vocab, load_causal_lm, resolve_dtype
+
+            model = load_causal_lm(model_dir, resolve_dtype(plan.model.dtype, self.precision),
+                                   plan.model.attn_implementation, plan.model.trust_remote_code)
+            align_vocab(model, self.tokenizer)
+            reference = build_reference_engine(model, self.ds_config, plan.distributed.zero_stage)
+        return PreferenceObjective(plan.train, self.tokenizer.pad_token_id, self.device, reference)
+
+    def collate_rows(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Table rows → a padded micro-batch for this stage's objective."""
+        if self.objective is not None:
+            return self.objective.collate(batch)
+        return collate(batch, self.tokenizer.pad_token_id, self.device)
 
     # --- resume ------------------------------------------------------------------------------------
     def _find_resume_point(self, stack: contextlib.ExitStack) -> Optional[ResumePoint]:
@@ -414,7 +445,7 @@ class WorkerRecipe:
         state, per_epoch = self.state, self.plan.schedule.micro_batches_per_epoch
         skip = state.micro_step_in_epoch if epoch == state.epoch else 0
         batches = _batches(self.train_shard, self.plan.train.micro_batch_size, self.plan.train.seed + epoch,
-                           self.tokenizer.pad_token_id, self.device, self.plan.prebatched)
+                           self.collate_rows, self.plan.prebatched)
         for micro, batch in enumerate(batches):
             if micro >= per_epoch:
                 break
@@ -428,29 +459,32 @@ class WorkerRecipe:
                 self._after_optimizer_step(end_of_epoch=micro + 1 == per_epoch)
 
     def _train_micro_batch(self, batch: dict[str, torch.Tensor], optimizer_step: bool) -> None:
-        engine = self.engine
-        loss = engine(**batch).loss
+        engine, extras = self.engine, None
+        if self.objective is not None:
+            loss, extras = self.objective.loss(engine, batch)
+        else:
+            loss = engine(**batch).loss
         engine.backward(loss)
         if self.plan.train.method == "adalora" and optimizer_step:
             # before step(), which clears the gradients AdaLoRA reads
             adalora_update(engine.module, self.state.global_step, self.plan.distributed.zero_stage)
         engine.step()  # DeepSpeed steps the optimizer and schedule only at the end of an accumulation window
-        self.meter.add(float(loss.detach().float()), int(batch["attention_mask"].sum()))
+        self.meter.add(float(loss.detach().float()), int(batch["attention_mask"].sum()), extras)
 
     def _after_optimizer_step(self, end_of_epoch: bool) -> None:
         """Log the window, checkpoint every N steps, inject a fault when asked."""
         plan, step, epoch = self.plan, self.state.global_step, self.state.epoch
         if step % plan.train.log_every_n_steps == 0 or step == plan.schedule.total_steps:
             window = self.meter.take_window()
-            metrics = {"train_loss": window["train_loss"], "learning_rate": self.engine.get_lr()[0],
-                       "tokens_per_s": window["tokens_per_s"], "epoch": epoch + 1, "step": step}
+            metrics = {**window, "learning_rate": self.engine.get_lr()[0], "epoch": epoch + 1, "step": step}
             if self.device.type == "cuda":
                 metrics["gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.logs.write(step, metrics)
             if self.rank == 0:
-                log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f", plan.stage, epoch + 1,
+                log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f%s", plan.stage, epoch + 1,
                          plan.train.epochs, step, plan.schedule.total_steps, metrics["train_loss"],
-                         metrics["learning_rate"], metrics["tokens_per_s"])
+                         metrics["learning_rate"], metrics["tokens_per_s"],
+                         f" reward acc {metrics['rewards/accuracies']:.2f}" if "rewards/accuracies" in metrics else "")
         every_n = plan.checkpoint.every_n_steps
         if every_n and step % every_n == 0 and not (end_of_epoch and plan.checkpoint.at_epoch_end):
             # Every checkpoint carries an eval loss: Ray keeps the best N by it.
@@ -481,6 +515,8 @@ class WorkerRecipe:
 
     # --- evaluate ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        if self.objective is not None:
+            return self.objective.evaluate(self.engine, self.eval_data, self.eval_batch, self.plan.eval.max_batches)
         return evaluate(self.engine, self.eval_data, self.eval_batch, self.tokenizer.pad_token_id, self.device,
                         self.plan.eval.max_batches)
 

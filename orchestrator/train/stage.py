@@ -86,7 +86,7 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
         texts = [d.text for d in _all_documents(config)][: training.max_documents]
         log.info("training a %d-token BPE tokenizer on %d documents", training.vocab_size, len(texts))
         tokenizer = train_bpe_tokenizer(texts, training.vocab_size)
-    seed = (config.pretrain or config.sft).train.seed
+    seed = (config.pretrain or config.sft or config.preference).train.seed
     model = create_tiny_model(config.model.tiny, tokenizer, seed)
     with tempfile.TemporaryDirectory(prefix="base-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -99,8 +99,10 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
 
 def _all_documents(config: PipelineConfig) -> list:
     documents = []
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "preference"):
         stage = getattr(config, name)
+        if name == "preference":
+            continue  # preference records are not documents
         if stage is not None and stage.data.sources:
             docs, _ = load_examples(stage.data.sources, "documents", "skip", True, stage.data.shuffle_seed)
             documents.extend(docs)
@@ -127,19 +129,46 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
     tokenizer_uri = tokenizer_uri or base_model
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
+    train = config.stage(stage).train
     with progress.step(f"{stage}: prepare data") as bar:
-        data = prepare_stage_data(stage, config.stage(stage).data, tokenizer)
+        data = prepare_stage_data(stage, config.stage(stage).data, tokenizer,
+                                  unpaired=getattr(train, "loss", None) == "kto")
         bar.update(records=data.stats.get("records"), tokens=data.stats.get("train_tokens"))
     # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
     stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, RunLayout.of(config))
     return StageInputs(stage_base.config, stage_base.model_uri, tokenizer_uri, data, stage_base.lineage)
 
 
+def previous_stage_model(config: PipelineConfig, stage: str) -> Optional[str]:
+    """Stage 3 run on its own starts from stage 2's exported model (else stage 1's); None: the configured base.
+
+    A config that has an earlier stage whose model is not there yet is an error: training on the raw
+    base instead would silently skip it.
+    """
+    if stage != "preference":
+        return None
+    layout = RunLayout.of(config)
+    for earlier in ("sft", "pretrain"):
+        uri = layout.model(earlier)
+        if storage.exists(storage.join(uri, "config.json")):
+            log.info("preference starts from stage model %s", uri)
+            return uri
+        if getattr(config, earlier) is not None:
+            raise OrchestratorError(f"the config has a `{earlier}:` stage but its model {uri} does not exist yet; "
+                                    f"run `orchestrator {earlier}` (or `orchestrator pipeline`) first")
+    return None
+
+
 def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
-    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
+    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model.
+
+    Without `base_model`, stage 3 starts from the run's stage-2 model (see previous_stage_model).
+    """
     started = time.perf_counter()
     configure_storage(config.storage)
+    if base_model is None:
+        base_model = previous_stage_model(config, stage)
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
     config, data = inputs.config, inputs.data
     layout = RunLayout.of(config)
