@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", "-c", help="YAML config to plan (default: GPU defaults with an sft stage)")
     plan.add_argument("--preset", help="plan a named model instead of the config's: 7b, 13b, 34b, 70b")
     plan.add_argument("--model-dir", help="plan the model whose config.json is in this directory or URI")
-    plan.add_argument("--stage", choices=["pretrain", "sft"], action="append", help="stage(s) to plan (default: all)")
+    plan.add_argument("--stage", choices=["pretrain", "sft", "preference"], action="append", help="stage(s) to plan (default: all)")
     plan.add_argument("--tokens", type=float, help="dataset size in tokens, for wall time and GPU-hours")
     plan.add_argument("--method", choices=["full", "freeze", "lora", "qlora-8bit", "qlora-4bit", "prompt", "p-tuning"])
     plan.add_argument("--precision", choices=["fp32", "amp", "bf16", "pure-bf16"])

@@ -129,6 +129,7 @@ class SearchSpaceConfig(Section):
         None, description="train.gradient_accumulation_steps."
     )
     weight_decay: Optional[NonNegativeDimension] = Field(None, description="train.weight_decay.")
+    beta: Optional[PositiveDimension] = Field(None, description="train.beta (stage 3 preference loss).")
 
     def dimensions(self) -> dict[str, SearchDimension]:
         """The parameters that are swept, by name."""
@@ -146,6 +147,7 @@ SEARCH_PARAMETER_KEYS = {
     "micro_batch_size": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "weight_decay": "train.weight_decay",
+    "beta": "train.beta",
 }
 
 
@@ -154,6 +156,7 @@ class StageSearchSpaces(Section):
 
     pretrain: Optional[SearchSpaceConfig] = Field(None, description="Search space of stage 1 sweeps.")
     sft: Optional[SearchSpaceConfig] = Field(None, description="Search space of stage 2 sweeps.")
+    preference: Optional[SearchSpaceConfig] = Field(None, description="Search space of stage 3 sweeps.")
 
 
 class AshaConfig(Section):
@@ -172,11 +175,11 @@ class TuneConfig(Section):
     """Hyperparameter sweeps with Ray Tune (`orchestrator tune`; `orchestrator pipeline` sweeps `stages`).
     Each trial is a full training run of the stage; results live in <storage_path>/<run_name>/tune/<stage>/."""
 
-    stages: list[Literal["pretrain", "sft"]] = Field(
+    stages: list[Literal["pretrain", "sft", "preference"]] = Field(
         default_factory=list, description="Stages `orchestrator pipeline` runs as sweeps; the best trial's model "
         "becomes the stage's model."
     )
-    reuse_best: list[Literal["pretrain", "sft"]] = Field(
+    reuse_best: list[Literal["pretrain", "sft", "preference"]] = Field(
         default_factory=list, description="Stages `orchestrator pipeline` trains once with the best settings of "
         "that stage's finished sweep (same run_name and storage)."
     )
@@ -185,7 +188,10 @@ class TuneConfig(Section):
         None, ge=1, description="Trials running at once; default and upper limit: what the cluster fits "
         "(CPUs / (num_workers x cpus_per_worker), GPUs likewise)."
     )
-    metric: Literal["eval_loss", "eval_perplexity"] = Field("eval_loss", description="What trials are ranked by.")
+    metric: Literal["eval_loss", "eval_perplexity", "eval_rewards/accuracies"] = Field(
+        "eval_loss", description="What trials are ranked by. eval_rewards/accuracies (stage 3 only, with mode max): "
+        "the share of held-out pairs whose chosen answer gets the higher implicit reward."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher `metric` is better.")
     search_alg: Literal["random", "optuna"] = Field(
         "random", description="random: random search; optuna: Optuna's TPE sampler (needs `optuna` installed)."

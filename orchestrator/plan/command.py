@@ -41,7 +41,7 @@ def plan_command(
         shape = shape_from_model_dir(model_dir)
     else:
         shape = model_shape_for(config)
-    names = stages or [name for name in ("pretrain", "sft") if getattr(config, name) is not None]
+    names = stages or [name for name in ("pretrain", "sft", "preference") if getattr(config, name) is not None]
     if not names:
         raise ConfigError("the config has no `pretrain:` or `sft:` section to plan")
     reports = [

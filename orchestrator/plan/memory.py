@@ -329,12 +329,13 @@ class MemoryBreakdown:
     cpu_offloaded_per_gpu: float
     activation_detail: ActivationEstimate
     model_states: ModelStates
+    reference: float = 0.0  # stage 3's frozen reference copy (full / freeze with a reference-based loss)
 
     @property
     def total(self) -> float:
         return (
             self.weights + self.adapter + self.gradients + self.optimizer + self.master
-            + self.activations + self.buffers + self.gathered + self.headroom
+            + self.activations + self.buffers + self.gathered + self.headroom + self.reference
         )
 
     def items(self) -> list[tuple[str, float]]:
@@ -347,6 +348,7 @@ class MemoryBreakdown:
             ("master weights (fp32)", self.master),
             ("activations", self.activations),
             ("ZeRO-3 gathered module", self.gathered),
+            *([("reference model (frozen)", self.reference)] if self.reference else []),
             ("temporary buffers", self.buffers),
             ("allocator headroom", self.headroom),
         ]

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from orchestrator.config import PipelineConfig, apply_overrides, config_from_dict
 from orchestrator.errors import ConfigError
-from orchestrator.plan.memory import GIB, PRECISIONS, MemoryBreakdown, estimate_memory
+from orchestrator.plan.memory import GIB, PRECISIONS, MemoryBreakdown, estimate_memory, precision_bytes
 from orchestrator.plan.model_shape import (
     LAYER_LINEARS,
     MethodSpec,
@@ -55,6 +55,7 @@ class TrainingSetup:
     epochs: int = 1
     dataset_tokens: Optional[int] = None
     load_bytes_per_param: Optional[int] = None
+    reference_model: bool = False  # stage 3 holds a frozen copy of the weights next to the policy
 
     @property
     def world_size(self) -> int:
@@ -111,7 +112,7 @@ class PlanReport:
 def estimate_setup(shape: ModelShape, setup: TrainingSetup) -> MemoryBreakdown:
     """The memory breakdown of `setup` (validated first)."""
     setup.validate()
-    return estimate_memory(
+    memory = estimate_memory(
         shape,
         setup.method,
         precision=setup.precision,
@@ -127,6 +128,12 @@ def estimate_setup(shape: ModelShape, setup: TrainingSetup) -> MemoryBreakdown:
         on_gpu=setup.on_gpu,
         load_bytes_per_param=setup.load_bytes_per_param,
     )
+    if not setup.reference_model:
+        return memory
+    # The frozen reference: weights only, partitioned like the policy's under ZeRO-3, whole otherwise.
+    per_param = setup.load_bytes_per_param or precision_bytes(setup.precision, setup.zero_stage).weight
+    share = setup.world_size if setup.zero_stage == 3 else 1
+    return replace(memory, reference=shape.total_params * per_param / share)
 
 
 def plan_training(
@@ -386,7 +393,7 @@ def setup_for_stage(
         nodes=nodes,
         gpu_memory_gib=config.plan.gpu_memory_gib,
         seq_len=data.block_size if stage == "pretrain" else data.max_length,
-        micro_batch=train.micro_batch_size,
+        micro_batch=train.micro_batch_size * (2 if stage == "preference" else 1),
         gradient_accumulation=train.gradient_accumulation_steps,
         gradient_checkpointing=train.gradient_checkpointing,
         attention=config.model.attn_implementation,
@@ -397,6 +404,12 @@ def setup_for_stage(
         dataset_tokens=tokens,
         load_bytes_per_param=load_bytes,
     )
+    if stage == "preference":
+        reference = train.needs_reference and train.method in ("full", "freeze")
+        setup = replace(setup, reference_model=reference)
+        notes.append("preference: a micro-batch of pairs is 2 x micro_batch_size sequences (chosen + rejected)"
+                      + ("; a frozen reference copy of the weights is counted" if reference else
+                         "; no second copy (the reference is the policy with adapters disabled, or none)"))
     if not dist.use_gpu:
         notes.append("distributed.use_gpu=false: memory is per CPU worker, against plan.gpu_memory_gib")
     if stage == "sft":

@@ -17,7 +17,7 @@ from orchestrator.checkpoint import latest_complete_checkpoint
 from orchestrator.config import PipelineConfig
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import PreparedData, prepare_stage_data
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.layout import RunLayout
 from orchestrator.model.export import export_model
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
@@ -122,8 +122,13 @@ class StageInputs:
 
 def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
                          tokenizer_uri: Optional[str] = None) -> StageInputs:
-    """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike)."""
+    """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike).
+
+    Without `base_model`, stage 3 starts from the run's stage-2 model (see previous_stage_model).
+    """
     check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
+    if base_model is None:
+        base_model = previous_stage_model(config, stage)
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
     tokenizer_uri = tokenizer_uri or base_model
@@ -154,21 +159,16 @@ def previous_stage_model(config: PipelineConfig, stage: str) -> Optional[str]:
             log.info("preference starts from stage model %s", uri)
             return uri
         if getattr(config, earlier) is not None:
-            raise OrchestratorError(f"the config has a `{earlier}:` stage but its model {uri} does not exist yet; "
+            raise ConfigError(f"the config has a `{earlier}:` stage but its model {uri} does not exist yet; "
                                     f"run `orchestrator {earlier}` (or `orchestrator pipeline`) first")
     return None
 
 
 def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
-    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model.
-
-    Without `base_model`, stage 3 starts from the run's stage-2 model (see previous_stage_model).
-    """
+    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
     started = time.perf_counter()
     configure_storage(config.storage)
-    if base_model is None:
-        base_model = previous_stage_model(config, stage)
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
     config, data = inputs.config, inputs.data
     layout = RunLayout.of(config)

@@ -44,6 +44,15 @@ def check_sweep(config: PipelineConfig, stage: str) -> None:
         if name in dimensions and method != "lora":
             raise ConfigError(f"{key}.{name}: {stage}.train.method is {method}, which has no LoRA rank or alpha; "
                               "drop it from the search space or train with method lora")
+    if "beta" in dimensions and stage != "preference":
+        raise ConfigError(f"{key}.beta: only the preference stage has a loss temperature beta; drop it from the "
+                          f"search space of {stage}")
+    metric = config.tune.metric
+    if metric == "eval_perplexity" and stage == "preference":
+        raise ConfigError("tune.metric eval_perplexity: the preference stage reports no perplexity; use eval_loss or "
+                          "eval_rewards/accuracies")
+    if metric == "eval_rewards/accuracies" and (stage != "preference" or config.tune.mode != "max"):
+        raise ConfigError("tune.metric eval_rewards/accuracies ranks preference sweeps only, with tune.mode max")
     if "warmup_ratio" in dimensions and "warmup_steps" not in dimensions and stage_cfg.train.warmup_steps is not None:
         raise ConfigError(f"{key}.warmup_ratio has no effect: {stage}.train.warmup_steps is set and overrides it")
     if "gradient_accumulation_steps" in dimensions and stage_cfg.train.global_batch_size is not None:
