@@ -5,7 +5,7 @@ Layout under `<checkpoint.storage_path>/<run_name>/` (a local path or an `s3://`
     base/              the tiny base model + tokenizer (only when model.tiny is used)
     <stage>-base/      a stage's derived base: init_adapters merged, vocabulary grown (reused on reruns)
     <stage>/           the stage's Ray Train run: checkpoint_step*/ (see orchestrator.checkpoint)
-    data/<stage>/      prepared data of a stage (shards + manifest)
+    data/<stage>/      prepared data of a stage (shards + manifest; stage 3: reference-logps-<key>.json)
     logs/<stage>/      metrics.jsonl, TensorBoard events, worker-<rank>.log (local storage; see `logs`)
     logs/driver.log    every log line of the commands run against the run
     models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained
@@ -29,6 +29,16 @@ from orchestrator import storage
 TRIALS_DIR = "trials"
 # One scratch directory per process for logs of runs on remote storage (see RunLayout.logs).
 _SCRATCH_ID = uuid.uuid4().hex[:12]
+
+
+def stage_data_dir(run_root: str, stage: str) -> str:
+    """`<run>/data/<stage>`: a stage's prepared data (and stage 3's precomputed reference log-probs)."""
+    return storage.join(run_root, "data", stage)
+
+
+def reference_logps_file(run_root: str, stage: str, fingerprint: str) -> str:
+    """Precomputed reference log-probs of a stage's prepared examples, keyed by what they depend on."""
+    return storage.join(stage_data_dir(run_root, stage), f"reference-logps-{fingerprint}.json")
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class RunLayout:
 
     def data(self, stage: str) -> str:
         """Prepared data of the stage."""
-        return storage.join(self.root, "data", stage)
+        return stage_data_dir(self.root, stage)
 
     @property
     def models(self) -> str:

@@ -31,11 +31,18 @@ class PreferenceTrainConfig(TrainConfig):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ (TRL's simpo_gamma).")
     kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable examples' loss.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable examples' loss.")
+    precompute_reference: bool = Field(
+        False, description="One pass before the first step writes the reference log-probs of every example next to "
+        "the prepared data (<run>/data/preference/); training then holds no reference model and runs no reference "
+        "forward (full / freeze: no frozen copy in memory). Reused by resumed runs.",
+    )
 
     @model_validator(mode="after")
     def _knobs_fit_the_loss(self) -> "PreferenceTrainConfig":
         if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
             raise ValueError(f"label_smoothing applies to the sigmoid and simpo losses, not {self.loss}")
+        if self.precompute_reference and not self.needs_reference:
+            raise ValueError(f"precompute_reference: the {self.loss} loss has no reference model to precompute")
         return self
 
     @property

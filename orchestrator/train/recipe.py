@@ -47,7 +47,13 @@ from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_
 from orchestrator.tracking import TrackingTarget
 from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model
-from orchestrator.train.preference_step import PreferenceObjective, build_reference_engine
+from orchestrator.train.preference_step import (
+    PreferenceObjective,
+    build_reference_engine,
+    precompute_reference_logps,
+    read_reference_logps,
+    write_reference_logps,
+)
 
 log = logging.getLogger("orchestrator.train")
 
@@ -98,6 +104,7 @@ class WorkerPlan:
     prebatched: bool  # every row of the train shard already is a micro-batch (length-grouped stage 2)
     deepspeed_user_config: Optional[dict[str, Any]] = None
     tracking: Optional[TrackingTarget] = None  # the run's MLflow / W&B runs (rank 0 logs its metrics there)
+    reference_logps_uri: Optional[str] = None  # stage 3 with precompute_reference: where the pass writes them
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -355,14 +362,39 @@ class WorkerRecipe:
         """Stage 3's objective; full and freeze get a frozen reference copy of the stage base (adapter methods
         disable their adapters instead, reference-free losses need none)."""
         plan, reference = self.plan, None
-        if plan.train.needs_reference and not self.is_adapter:
+        if plan.train.needs_reference and not self.is_adapter and not plan.train.precompute_reference:
             from orchestrator.model.loading import align_vocab, load_causal_lm, resolve_dtype
 
             model = load_causal_lm(model_dir, resolve_dtype(plan.model.dtype, self.precision),
                                    plan.model.attn_implementation, plan.model.trust_remote_code)
             align_vocab(model, self.tokenizer)
             reference = build_reference_engine(model, self.ds_config, plan.distributed.zero_stage)
-        return PreferenceObjective(plan.train, self.tokenizer.pad_token_id, self.device, reference)
+        objective = PreferenceObjective(plan.train, self.tokenizer.pad_token_id, self.device, reference)
+        if plan.train.precompute_reference:
+            objective.precomputed = self._reference_logps(objective)
+        return objective
+
+    def _reference_logps(self, objective: PreferenceObjective) -> dict[int, tuple[float, float]]:
+        """The precomputed reference log-probs: read back when a pass already wrote them, else one pass now."""
+        uri = self.plan.reference_logps_uri
+        if uri is None:
+            raise RuntimeError("precompute_reference is set, but the driver gave no reference_logps_uri")
+        if storage.exists(uri):
+            log.info("reusing the reference log-probs in %s", uri)
+            return read_reference_logps(uri)
+        if self.state.global_step > 0 and not self.is_adapter:
+            raise ckpt.CheckpointError(f"{uri} is missing and the weights have trained {self.state.global_step} "
+                                       "steps, so the reference can no longer be recomputed; start the stage afresh")
+        shards = [self.context.get_dataset_shard("reference")]
+        if self.plan.has_eval:
+            shards.append(self.context.get_dataset_shard("eval"))
+        started = time.perf_counter()
+        table = precompute_reference_logps(objective, self.engine, shards, self.eval_batch, self.rank, self.world)
+        if self.rank == 0:
+            write_reference_logps(uri, table)
+            log.info("reference log-probs of %d examples computed in %.1f s, written to %s", len(table),
+                     time.perf_counter() - started, uri)
+        return table
 
     def collate_rows(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Table rows → a padded micro-batch for this stage's objective."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -18,6 +20,7 @@ from orchestrator.data.batching import (
 from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.tracking import TrackingTarget
+from orchestrator.layout import reference_logps_file
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
 from orchestrator.train.metrics_log import follow_metrics
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
@@ -42,6 +45,18 @@ def show_progress(bar: progress.Step, record: dict[str, Any]) -> None:
                    lr=f"{record.get('learning_rate', 0):.2e}", tok_s=round(record.get("tokens_per_s", 0)))
     if "eval_loss" in record:
         bar.update(done=record.get("step"), eval_loss=round(record["eval_loss"], 4))
+
+
+def reference_fingerprint(config: PipelineConfig, stage: str, data: PreparedData, base_model: str,
+                          tokenizer: str) -> str:
+    """What precomputed reference log-probs depend on: the reference weights, the tokenizer, the data and how it
+    was tokenized (not the loss: the sums are stored, and each loss takes what it needs)."""
+    stage_cfg = config.stage(stage)
+    key = {"base_model": base_model, "tokenizer": tokenizer, "files": data.stats.get("files", {}),
+           "data": stage_cfg.data.model_dump(mode="json"), "unpaired": stage_cfg.train.loss == "kto",
+           "dtype": config.model.dtype, "precision": stage_cfg.train.precision,
+           "rows": [data.train.num_rows, data.eval.num_rows if data.eval is not None else 0]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,12 @@ def fit_stage(
     datasets = {"train": ray.data.from_arrow(train_table)}
     if data.eval is not None:
         datasets["eval"] = ray.data.from_arrow(data.eval)
+    reference_uri = None
+    if getattr(train_cfg, "precompute_reference", False):
+        # One pass over every example (unsplit) before the first step; keyed by what the log-probs depend on.
+        datasets["reference"] = ray.data.from_arrow(train_table)
+        reference_uri = reference_logps_file(run_root, stage, reference_fingerprint(config, stage, data, base_model,
+                                                                                   tokenizer))
     storage_path, filesystem = storage.ray_storage(run_root)
     plan = WorkerPlan(
         stage=stage,
@@ -115,6 +136,7 @@ def fit_stage(
         prebatched=prebatched,
         deepspeed_user_config=deepspeed_user_config,
         tracking=tracking,
+        reference_logps_uri=reference_uri,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

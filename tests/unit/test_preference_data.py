@@ -192,5 +192,9 @@ def test_preference_section_config(tmp_path):
         load_config(str(path), ["preference.train.loss=ipo", "preference.train.label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="loss"):
         load_config(str(path), ["preference.train.loss=hinge"])
+    with pytest.raises(ConfigError, match="the simpo loss has no reference model to precompute"):
+        load_config(str(path), ["preference.train.precompute_reference=true"])
+    assert load_config(str(path), ["preference.train.loss=kto",
+                                   "preference.train.precompute_reference=true"]).preference.train.precompute_reference
     with pytest.raises(ConfigError, match="sft.train.method=prompt_tuning .* so preference cannot start"):
         load_config(str(path), ["sft.train.method=prompt_tuning"])

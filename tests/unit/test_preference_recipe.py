@@ -2,7 +2,8 @@
 
 Chosen answers say "yes, drink water and rest", rejected ones "no"; a tiny random LLaMA must learn to prefer
 the first. LoRA + sigmoid DPO under ZeRO-2 (the reference is the policy with its adapter disabled), full +
-sigmoid DPO under ZeRO-3 (a frozen, partitioned reference engine) and LoRA + KTO.
+sigmoid DPO under ZeRO-3 (a frozen, partitioned reference engine) — and the same with precomputed reference
+log-probs, which must give the same losses without any reference model — and LoRA + KTO.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def _run(workspace, name: str, train: PreferenceTrainConfig, zero_stage: int):
     train_rows = _rows(encode(shape(separable_pairs(TRAIN_PAIRS)), tokenizer, template, 128))
     eval_rows = _rows(encode(shape(separable_pairs(EVAL_PAIRS, 100)), tokenizer, template, 128, first_id=1000))
     stage_dir, logs_dir = root / name / "preference", root / name / "logs"
+    reference_uri = str(root / name / "data" / "reference-logps.json")
     stage_dir.mkdir(parents=True)
     plan = WorkerPlan(
         stage="preference", model=ModelConfig(base=str(base)), train=train,
@@ -96,10 +98,11 @@ def _run(workspace, name: str, train: PreferenceTrainConfig, zero_stage: int):
         base_model=str(base), tokenizer=str(base),
         schedule=schedule_for(len(train_rows), 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
         stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
-        prebatched=False,
+        prebatched=False, reference_logps_uri=reference_uri,
     )
     context = LocalTrainContext(storage_dir=str(stage_dir),
-                                shards={"train": LocalShard(train_rows), "eval": LocalShard(eval_rows)})
+                                shards={"train": LocalShard(train_rows), "eval": LocalShard(eval_rows),
+                                        "reference": LocalShard(train_rows)})
     run_recipe(plan, context)
     return read_metrics(str(logs_dir)), context
 
@@ -125,14 +128,35 @@ def test_lora_dpo_learns_the_separable_preference(process_group, workspace):
     assert context.reports[-1].metrics["eval_rewards/accuracies"] == 1.0
 
 
-def test_full_dpo_with_a_frozen_reference_under_zero3(process_group, workspace):
-    train = PreferenceTrainConfig(method="full", loss="sigmoid", beta=0.1, learning_rate=3e-3, epochs=1,
-                                  micro_batch_size=4, warmup_steps=0, log_every_n_steps=2, precision="fp32")
-    records, _ = _run(workspace, "full-dpo", train, zero_stage=3)
-    evals = _evals(records)
+FULL_DPO = dict(method="full", loss="sigmoid", beta=0.1, learning_rate=3e-3, epochs=1, micro_batch_size=4,
+                warmup_steps=0, log_every_n_steps=1, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def full_dpo_run(process_group, workspace):
+    return _run(workspace, "full-dpo", PreferenceTrainConfig(**FULL_DPO), zero_stage=3)[0]
+
+
+def test_full_dpo_with_a_frozen_reference_under_zero3(full_dpo_run):
+    evals = _evals(full_dpo_run)
     assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the reference is the starting policy
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05
     assert evals[-1]["eval_rewards/accuracies"] > 0.5
+
+
+def test_precomputed_reference_gives_the_live_reference_losses(full_dpo_run, workspace):
+    import json
+
+    records, _ = _run(workspace, "full-dpo-precomputed", PreferenceTrainConfig(**FULL_DPO, precompute_reference=True),
+                      zero_stage=3)
+    live = {r["step"]: r["train_loss"] for r in full_dpo_run if "train_loss" in r}
+    precomputed = {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+    assert sorted(precomputed) == sorted(live) == list(range(1, 7))
+    for step in live:
+        assert precomputed[step] == pytest.approx(live[step], rel=1e-4, abs=1e-5)
+    assert _evals(records)[-1]["eval_loss"] == pytest.approx(_evals(full_dpo_run)[-1]["eval_loss"], rel=1e-4)
+    written = json.loads((workspace[0] / "full-dpo-precomputed" / "data" / "reference-logps.json").read_text())
+    assert sorted(written["example_id"]) == list(range(TRAIN_PAIRS)) + list(range(1000, 1000 + EVAL_PAIRS))
 
 
 def test_lora_kto_separates_desirable_from_undesirable(process_group, workspace):
