@@ -405,11 +405,12 @@ def setup_for_stage(
         load_bytes_per_param=load_bytes,
     )
     if stage == "preference":
-        reference = train.needs_reference and train.method in ("full", "freeze")
+        reference = (train.needs_reference and train.method in ("full", "freeze")
+                     and not train.precompute_reference)
         setup = replace(setup, reference_model=reference)
         notes.append("preference: a micro-batch of pairs is 2 x micro_batch_size sequences (chosen + rejected)"
                       + ("; a frozen reference copy of the weights is counted" if reference else
-                         "; no second copy (the reference is the policy with adapters disabled, or none)"))
+                         "; no second copy (adapters disabled, precomputed log-probs, or no reference)"))
     if not dist.use_gpu:
         notes.append("distributed.use_gpu=false: memory is per CPU worker, against plan.gpu_memory_gib")
     if stage == "sft":

@@ -17,7 +17,10 @@ def test_full_fine_tuning_counts_a_frozen_reference_and_adapters_do_not(repo_roo
     full = plan_stage(load_config(repo_root / CONFIG, ["preference.train.method=full"]), "preference")
     orpo = plan_stage(load_config(repo_root / CONFIG, ["preference.train.method=full",
                                                        "preference.train.loss=orpo"]), "preference")
-    assert lora.memory.reference == 0 and orpo.memory.reference == 0
+    precomputed = plan_stage(load_config(repo_root / CONFIG, ["preference.train.method=full",
+                                                              "preference.train.precompute_reference=true"]),
+                             "preference")
+    assert lora.memory.reference == 0 and orpo.memory.reference == 0 and precomputed.memory.reference == 0
     assert full.memory.reference == pytest.approx(full.counts.total * 4)  # fp32 weights, whole under ZeRO-2
     assert ("reference model (frozen)", full.memory.reference) in full.memory.items()
     zero3 = plan_stage(load_config(repo_root / CONFIG, ["preference.train.method=full",
