@@ -16,7 +16,7 @@ from orchestrator.config.train import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_
 from orchestrator.config.distributed import DistributedConfig  # noqa: F401
 from orchestrator.config.checkpoint import CheckpointConfig, S3Config, StorageConfig, s3_settings  # noqa: F401
 from orchestrator.config.serve import GenerationDefaults, AutoscalingConfig, ServeConfig  # noqa: F401
-from orchestrator.config.eval import EvalGenerationConfig, QASetConfig, MultipleChoiceSetConfig, DEFAULT_REFUSAL_PATTERNS, HonestyConfig, PerplexityConfig, EvalConfig  # noqa: F401
+from orchestrator.config.eval import EvalGenerationConfig, QASetConfig, MultipleChoiceSetConfig, DEFAULT_REFUSAL_PATTERNS, HonestyConfig, PerplexityConfig, PreferenceEvalConfig, EvalConfig  # noqa: F401
 from orchestrator.config.plan import PlanConfig  # noqa: F401
 from orchestrator.config.tune import SearchDimension, PositiveDimension, FractionDimension, NonNegativeDimension, CountDimension, NonNegativeCountDimension, SearchSpaceConfig, SEARCH_PARAMETER_KEYS, StageSearchSpaces, AshaConfig, TuneConfig  # noqa: F401
 from orchestrator.config.tracking import MlflowConfig, WandbConfig, TrackingConfig  # noqa: F401

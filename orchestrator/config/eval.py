@@ -122,6 +122,17 @@ class PerplexityConfig(Section):
     max_documents: Optional[int] = Field(None, gt=0, description="Score at most this many documents.")
 
 
+class PreferenceEvalConfig(Section):
+    """Preference accuracy: the share of held-out pairs whose chosen answer a model finds likelier (mean log-prob
+    per token after the chat prompt) — the SFT and the preference model side by side."""
+
+    sources: list[DataSourceConfig] = Field(
+        default_factory=list, description="Preference pairs to score (any stage-3 record shape); empty = the "
+        "preference stage's held-out pairs (its eval_sources, or the same eval_split the stage trained with).",
+    )
+    max_records: Optional[int] = Field(None, gt=0, description="Score at most this many pairs.")
+
+
 class EvalConfig(Section):
     """Evaluation during training, and of each stage's final model after training (see orchestrator.evaluation)."""
 
@@ -137,6 +148,9 @@ class EvalConfig(Section):
         "the sets below and write the report (Markdown, JSON, loss plots) to <storage_path>/<run_name>/eval/.",
     )
     perplexity: Optional[PerplexityConfig] = Field(None, description="Perplexity on held-out documents.")
+    preference: Optional[PreferenceEvalConfig] = Field(
+        None, description="Preference accuracy on held-out pairs (chosen likelier than rejected)."
+    )
     qa: list[QASetConfig] = Field(default_factory=list, description="Question/answer sets (generated answers).")
     multiple_choice: list[MultipleChoiceSetConfig] = Field(
         default_factory=list, description="Multiple-choice sets (option log-likelihoods)."

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from orchestrator import storage
@@ -31,6 +31,7 @@ from orchestrator.config import (
 )
 from orchestrator.data.formats import CONVERTERS, Document, detect_format, load_examples
 from orchestrator.data.prepare import split_eval
+from orchestrator.data.preference import PreferencePair, load_preference_records
 from orchestrator.data.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, RawRecord, read_file
 from orchestrator.errors import ConfigError, DataError, RecordError
 
@@ -80,10 +81,11 @@ class EvalSets:
     multiple_choice: dict[str, tuple[MultipleChoiceSetConfig, list[ChoiceItem]]]
     probes: list[Probe]
     documents: list[Document]
+    pairs: list[PreferencePair] = field(default_factory=list)  # preference accuracy
 
     @property
     def empty(self) -> bool:
-        return not (self.qa or self.multiple_choice or self.probes or self.documents)
+        return not (self.qa or self.multiple_choice or self.probes or self.documents or self.pairs)
 
 
 class _Errors:
@@ -321,6 +323,32 @@ def held_out_documents(config: PipelineConfig) -> list[Document]:
     return documents[: settings.max_documents] if settings.max_documents else documents
 
 
+def held_out_pairs(config: PipelineConfig) -> list[PreferencePair]:
+    """The pairs preference accuracy is measured on: `eval.preference.sources`, else the preference stage's
+    held-out pairs (its eval_sources, or the same split of its sources that training held out)."""
+    settings = config.eval.preference
+    if settings is None:
+        return []
+    if settings.sources:
+        records, _ = load_preference_records(settings.sources)
+    elif config.preference is not None and config.preference.data.sources:
+        data = config.preference.data
+        if data.eval_sources:
+            records, _ = load_preference_records(data.eval_sources, data.bad_records, data.shuffle_seed)
+        else:
+            # The same call and seed as stage 3's data preparation, so these are the pairs it held out.
+            everything, _ = load_preference_records(data.sources, data.bad_records, data.shuffle_seed)
+            _, records = split_eval(everything, data.eval_split, data.shuffle_seed)
+    else:
+        raise ConfigError("eval.preference.sources is empty and the config has no preference stage with data whose "
+                          "held-out pairs could be used; list sources under eval.preference.sources")
+    pairs = [r for r in records if isinstance(r, PreferencePair)]
+    if not pairs:
+        raise ConfigError("eval.preference: no held-out preference pairs to score (unpaired KTO records have no "
+                          "rejected answer to compare with); list pairs under eval.preference.sources")
+    return pairs[: settings.max_records] if settings.max_records else pairs
+
+
 def load_eval_sets(config: PipelineConfig) -> EvalSets:
     """Read and validate every set the `eval:` section lists (before any model is loaded)."""
     settings: EvalConfig = config.eval
@@ -329,6 +357,7 @@ def load_eval_sets(config: PipelineConfig) -> EvalSets:
         multiple_choice={s.name: (s, load_choice_set(s)) for s in settings.multiple_choice},
         probes=load_probes(settings.honesty) if settings.honesty is not None else [],
         documents=held_out_documents(config),
+        pairs=held_out_pairs(config),
     )
 
 
@@ -345,4 +374,7 @@ def describe_sets(sets: EvalSets, config: EvalConfig) -> dict[str, dict[str, Any
     if sets.documents:
         sources = [s.path for s in config.perplexity.sources] or ["pretrain held-out documents"]
         described["perplexity"] = {"kind": "perplexity", "items": len(sets.documents), "path": ", ".join(sources)}
+    if sets.pairs:
+        sources = [s.path for s in config.preference.sources] or ["preference held-out pairs"]
+        described["preference"] = {"kind": "preference", "items": len(sets.pairs), "path": ", ".join(sources)}
     return described

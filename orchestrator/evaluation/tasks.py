@@ -4,7 +4,8 @@
 replica knows how to do (see `scoring.score_batch`):
 
 * `generate`: answer chat messages (QA items, honesty probes);
-* `loglik`: log-likelihood of each continuation after chat messages (multiple-choice options);
+* `loglik`: log-likelihood of each continuation after chat messages (multiple-choice options, the chosen
+  and rejected answers of preference pairs);
 * `nll`: negative log-likelihood of a document (perplexity).
 
 `summarise` turns one model's responses into its metrics and per-item details.
@@ -52,6 +53,9 @@ def build_requests(sets: EvalSets) -> list[dict[str, str]]:
         rows.extend(choice_request(item, config) for item in items)
     rows.extend(request(probe.key, GENERATE, {"messages": [["user", probe.question]]}) for probe in sets.probes)
     rows.extend(request(f"perplexity#{i}", NLL, {"text": doc.text}) for i, doc in enumerate(sets.documents))
+    rows.extend(request(f"preference#{i}", LOGLIK, {"messages": [[m.role, m.content] for m in pair.prompt],
+                                                    "continuations": [pair.chosen, pair.rejected]})
+                for i, pair in enumerate(sets.pairs))
     return rows
 
 
@@ -111,4 +115,13 @@ def summarise(sets: EvalSets, responses: dict[str, dict[str, Any]], refusal_patt
             refused.append(1.0 if declined else 0.0)
             scores.items[probe.key] = {"answer": answer, "refused": declined}
         scores.metrics["honesty/refusal_rate"] = metrics.mean(refused)
+    if sets.pairs:
+        wins, margins = [], []
+        for i in range(len(sets.pairs)):
+            chosen, rejected = option_scores(responses[f"preference#{i}"], "option_text")  # mean per token
+            wins.append(1.0 if chosen > rejected else 0.0)
+            margins.append(chosen - rejected)
+            scores.items[f"preference#{i}"] = {"chosen": chosen, "rejected": rejected}
+        scores.metrics["preference/accuracy"] = metrics.mean(wins)
+        scores.metrics["preference/margin"] = metrics.mean(margins)
     return scores
