@@ -9,11 +9,8 @@ log-probs, which must give the same losses without any reference model — and L
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
-import torch
 
 from orchestrator.config import (
     CheckpointConfig,
@@ -34,30 +31,6 @@ from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
 
 TRAIN_PAIRS, EVAL_PAIRS = 24, 8
 QUESTIONS = ["发烧了怎么办？", "头疼怎么办？", "咳嗽怎么办？", "嗓子疼怎么办？", "失眠怎么办？", "胃疼怎么办？"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    threads = torch.get_num_threads()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def separable_pairs(n: int, offset: int = 0) -> list[PreferencePair]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
-import torch
 
 from orchestrator.config import CheckpointConfig, DistributedConfig, EvalConfig, ModelConfig, TinyModelConfig, TrainConfig
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
@@ -25,31 +23,6 @@ from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
 
 BLOCK = 32
 TRAIN_ROWS, EVAL_ROWS = 16, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A gloo group of one process (DeepSpeed needs torch.distributed), torch threads restored after."""
-    import torch.distributed as dist
-
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    threads = torch.get_num_threads()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    torch.set_num_threads(threads)
-    for key, value in saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
