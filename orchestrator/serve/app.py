@@ -249,15 +249,16 @@ class OpenAIServer:
 
 
 def default_model_uri(config: PipelineConfig) -> str:
-    """serve.model, else the pipeline's final model: models/sft if it exists, else models/pretrain."""
+    """serve.model, else the pipeline's final model: models/preference, models/sft or models/pretrain (the last
+    stage that exists)."""
     if config.serve.model:
         return config.serve.model
     layout = RunLayout.of(config)
-    for stage in ("sft", "pretrain"):
+    for stage in ("preference", "sft", "pretrain"):
         if storage.exists(storage.join(layout.model(stage), "config.json")):
             return layout.model(stage)
-    raise ConfigError(f"no model to serve: set serve.model, or train first (looked in {layout.models}/sft and "
-                      "/pretrain)")
+    raise ConfigError(f"no model to serve: set serve.model, or train first (looked in {layout.models}/preference, "
+                      "/sft and /pretrain)")
 
 
 def load_api_keys(cfg: ServeConfig) -> list[str]:
