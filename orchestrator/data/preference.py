@@ -8,8 +8,12 @@ Accepted record shapes (field names mappable through the source's `fields`):
 * OpenAI / TRL conversational: `chosen` / `rejected` as whole message lists sharing the prompt (the
   prompt is their common prefix), or `prompt` as a message list + `chosen` / `rejected` lists holding
   the one assistant answer;
-* unpaired (KTO): a boolean `label` with `messages` (or `conversations`) ending in the answer, or
-  `prompt` + `completion`.
+* LLaMA-Factory alpaca ranking: `instruction` (+ `input`) + `chosen` / `rejected`;
+* unpaired (KTO): a boolean `label` (LLaMA-Factory: `kto_tag`) with `messages` (or `conversations`) ending
+  in the answer, or `prompt` + `completion`.
+
+Records go through the source's shape first (orchestrator.data.shapes: `records`, `keyed_by`, `unwrap`,
+`transform`, a LLaMA-Factory `dataset` entry with its columns), as in stages 1 and 2.
 
 The prompt goes through the same chat template as stage 2 (orchestrator.data.templates). Each answer
 is encoded token-exact: prompt text + answer text is tokenized as ONE text and the answer's labels are
@@ -38,11 +42,12 @@ from orchestrator.data.formats import (
     _apply_weight,
 )
 from orchestrator.data.readers import read_source
+from orchestrator.data.shapes import resolve_dataset, shape_inputs, shape_record
 from orchestrator.data.sft import IGNORE_INDEX
 from orchestrator.data.templates import ChatTemplate
 from orchestrator.errors import DataError, DataValidationError, RecordError
 
-PREFERENCE_SOURCE_FORMATS = ("auto", "sharegpt")  # sharegpt: LLaMA-Factory's name for ranking data
+PREFERENCE_SOURCE_FORMATS = ("auto", "sharegpt", "alpaca")  # LLaMA-Factory's formattings of ranking data
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,14 @@ def _with_system(prompt: list[Message], record: dict, origin: str, mapping: dict
 
 def _prompt_of(record: dict, origin: str, mapping: dict[str, str]) -> Optional[tuple[tuple[Message, ...], str]]:
     """The explicit prompt (messages, field name) of a record, or None when it has none."""
+    instruction_key = _name(mapping, "instruction")
+    if isinstance(record.get(instruction_key), str):
+        extra = record.get(_name(mapping, "input"))
+        text = record[instruction_key] + (f"\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        if not text.strip():
+            raise RecordError(origin, instruction_key, "a non-empty instruction", record[instruction_key])
+        return check_prompt(_with_system([Message("user", text)], record, origin, mapping), origin,
+                            instruction_key), instruction_key
     for canonical in ("conversations", "messages", "prompt"):
         key = _name(mapping, canonical)
         value = record.get(key)
@@ -181,9 +194,9 @@ def record_to_preference(record: Any, origin: str, mapping: dict[str, str]) -> P
     """One raw record → a PreferencePair, or an UnpairedExample when it has a `label` (see module docstring)."""
     if not isinstance(record, dict):
         raise RecordError(origin, "(record)", "a JSON object", record)
-    label_key = _name(mapping, "label")
-    if label_key in record:
+    if _label_key(record, mapping) is not None:
         return _unpaired(record, origin, mapping)
+    label_key = _name(mapping, "label")
     chosen_key, rejected_key = _name(mapping, "chosen"), _name(mapping, "rejected")
     for key in (chosen_key, rejected_key):
         if record.get(key) is None:
@@ -200,8 +213,16 @@ def record_to_preference(record: Any, origin: str, mapping: dict[str, str]) -> P
                           _answer(record[rejected_key], origin, rejected_key), origin)
 
 
+def _label_key(record: dict, mapping: dict[str, str]) -> Optional[str]:
+    """The key of a KTO label: `kto_tag` (LLaMA-Factory's, mappable) or `label` (TRL's)."""
+    for key in (_name(mapping, "kto_tag"), "label"):
+        if key in record:
+            return key
+    return None
+
+
 def _unpaired(record: dict, origin: str, mapping: dict[str, str]) -> UnpairedExample:
-    label_key = _name(mapping, "label")
+    label_key = _label_key(record, mapping)
     label = record[label_key]
     if not isinstance(label, bool):
         raise RecordError(origin, label_key, "true (desirable) or false (undesirable)", label)
@@ -236,11 +257,15 @@ def load_preference_records(sources: Iterable[DataSourceConfig], bad_records: st
             raise DataError(f"{source.path}: preference sources are read by their fields; format {source.format!r} "
                             f"does not apply (use {' or '.join(PREFERENCE_SOURCE_FORMATS)})")
         from_source = []
+        resolved = resolve_dataset(source)
+        report.files.update(shape_inputs(source))
+        source = resolved
         for raw in read_source(source, report.files):
             try:
-                if raw.error is not None:
-                    raise raw.error
-                from_source.append(record_to_preference(raw.value, raw.origin, source.fields))
+                shaped = shape_record(raw, source)
+                if shaped is None:  # the source's transform skipped it
+                    continue
+                from_source.append(record_to_preference(shaped.value, shaped.origin, shaped.fields))
             except RecordError as err:
                 report.skipped += 1
                 if len(report.errors) < MAX_ERRORS_LISTED:

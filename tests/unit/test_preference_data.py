@@ -105,8 +105,28 @@ def test_bad_records_name_file_line_and_field(tmp_path, record, field, expected)
 def test_source_format_that_does_not_apply_is_refused(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match="format 'alpaca' does not apply"):
-        load_preference_records([DataSourceConfig(path=str(path), format="alpaca")])
+    with pytest.raises(DataError, match="format 'document' does not apply"):
+        load_preference_records([DataSourceConfig(path=str(path), format="document")])
+
+
+def test_alpaca_ranking_and_kto_tag_records():
+    pair = record_to_preference({"instruction": "q", "input": "more", "chosen": "a", "rejected": "b"}, "f:1", {})
+    assert pair.prompt == (Message("user", "q\nmore"),) and (pair.chosen, pair.rejected) == ("a", "b")
+    example = record_to_preference({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}], "kto_tag": True}, "f:2", {})
+    assert isinstance(example, UnpairedExample) and example.desirable
+
+
+def test_llamafactory_dataset_entry_with_columns(tmp_path):
+    records = [{"msgs": [{"from": "human", "value": "q"}], "good": {"from": "gpt", "value": "a"},
+                "bad": {"from": "gpt", "value": "b"}}]
+    (tmp_path / "pairs.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"my_pairs": {
+        "file_name": "pairs.json", "formatting": "sharegpt", "ranking": True,
+        "columns": {"messages": "msgs", "chosen": "good", "rejected": "bad"}}}), encoding="utf-8")
+    loaded, report = load_preference_records([DataSourceConfig(path=str(tmp_path), dataset="my_pairs")])
+    assert loaded == [PreferencePair((Message("user", "q"),), "a", "b", loaded[0].origin)]
+    assert any(name.endswith("dataset_info.json") for name in report.files)
 
 
 def test_two_turn_prompt_labels_cover_exactly_each_answer_and_end_of_turn(small_tokenizer):
