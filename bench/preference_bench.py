@@ -1,8 +1,8 @@
 """Stage 3 throughput: training tokens/s of a DPO step vs an SFT step over the same answer tokens and model.
 
 `python bench/preference_bench.py` (no Ray: the worker recipe runs in this process on a one-process gloo
-group, LocalTrainContext). Data: the first 96 pairs of ../shared/data/preference/dpo_zh_500.jsonl
-(max_length 192, the minimind tokenizer's chat template). Model: a random LLaMA (hidden 256, 4 layers),
+group, LocalTrainContext). Data: the first 48 pairs of ../shared/data/preference/dpo_zh_500.jsonl
+(max_length 160, the minimind tokenizer's chat template). Model: a random LLaMA (hidden 256, 4 layers),
 full fine-tuning, fp32, ZeRO-0, one epoch, micro-batches of 4 pairs.
 
 * SFT baseline: every pair's chosen and rejected sequences as 2 SFT examples (micro-batch 8 rows), so both
@@ -49,7 +49,7 @@ from orchestrator.train.metrics_log import read_metrics  # noqa: E402
 from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-PAIRS, MAX_LENGTH, PAIRS_PER_BATCH, REPEATS = 96, 192, 4, 3
+PAIRS, MAX_LENGTH, PAIRS_PER_BATCH, REPEATS = 48, 160, 4, 2
 GOALS = {"dpo_live": 0.65, "dpo_precomputed": 0.9}
 
 
