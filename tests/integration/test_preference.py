@@ -94,17 +94,18 @@ def test_full_dpo_zero3_with_a_partitioned_reference_on_real_pairs(ray_cluster, 
     tree = make_config(tmp_path, shared_data, 3, {
         "data": {"sources": [{"path": str(shared_data / "preference" / "dpo_zh_500.jsonl"), "max_records": 44}],
                  "max_length": 128, "eval_split": 0.1},
-        "train": {"method": "full", "loss": "sigmoid", "beta": 0.1, "learning_rate": 3e-3, "epochs": 1,
+        "train": {"method": "full", "loss": "sigmoid", "beta": 0.1, "learning_rate": 3e-3, "epochs": 2,
                   "micro_batch_size": 4, "warmup_steps": 0, "log_every_n_steps": 1, "precision": "fp32"},
     })
     config = config_from_dict(tree)
     result = run_stage(config, "preference")
     records = stage_records(config)
-    steps = [r for r in records if "train_loss" in r]
-    assert len(steps) == 5
+    steps = sorted((r for r in records if "train_loss" in r), key=lambda r: r["step"])
+    assert [r["step"] for r in steps] == list(range(1, 11))  # 40 pairs / 2 workers / 4 = 5 steps per epoch
     assert steps[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == partitioned reference
-    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
-    assert steps[-1]["rewards/margins"] > 0
+    second_epoch = steps[5:]  # the same pairs again: the policy now prefers their chosen answers
+    assert sum(r["train_loss"] for r in second_epoch) / 5 < math.log(2)
+    assert sum(r["rewards/margins"] for r in second_epoch) / 5 > 0
     evals = [r for r in records if "eval_loss" in r]
     assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
     AutoModelForCausalLM.from_pretrained(result.model_uri)
