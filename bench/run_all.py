@@ -4,10 +4,10 @@
 
 Runs, in order: packing efficiency (packing.py), stage-1 data preparation vs `datasets`
 (data_prep.py), checkpoint transfer vs boto3 (storage_bench.py, run fresh), training overhead of
-Ray Train + DeepSpeed vs a bare PyTorch loop (train_overhead.py); then adds the recorded serving
-results (serve.json) and the GPU check (gpu.json) when present. Writes bench/results/latest.json
+Ray Train + DeepSpeed vs a bare PyTorch loop (train_overhead.py), serving over HTTP vs in-process
+(serve_bench.py, run fresh: HF engine, and vLLM when installed); then the GPU check (gpu.json) when present. Writes bench/results/latest.json
 and bench/results/latest.md: one row per measure with ours, baseline, ratio, goal and whether it is
-met, and for every missed goal what bounds it and what would close the gap. About 5-8 minutes on
+met, and for every missed goal what bounds it and what would close the gap. About 10-15 minutes on
 2 CPU cores (longer when other jobs load the machine).
 """
 

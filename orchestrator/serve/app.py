@@ -1,82 +1,67 @@
-"""Ray Serve application: an OpenAI-compatible HTTP API over a merged model.
+"""Ray Serve application (serve.engine=hf): an OpenAI-compatible HTTP API over a merged model.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /health. Non-streaming requests are batched dynamically (`@serve.batch`) and grouped by
-sampling parameters; streaming requests run one by one, token by token. Optional: Bearer API
-keys, LoRA adapters multiplexed per request from the OpenAI `model` field.
+Two deployments. `OpenAIIngress` (FastAPI, light) owns HTTP: API keys, JSON parsing and validation,
+the OpenAI response shapes, and replica failures — a non-streaming request whose model replica dies is
+sent again to another replica, and only when every attempt fails does it answer a 503 with an OpenAI
+body (never Serve's plain-text 500); a stream that loses its replica ends with an error event. `ModelServer`
+(the replicas that hold the model) runs continuous batching (orchestrator/serve/continuous.py): requests
+join the running batch between decode steps and leave it when done, streaming ones included. LoRA adapters
+are multiplexed per request from the OpenAI `model` field (Serve routes a request to a replica that has its
+adapter loaded).
 
-`build_app(config)` returns the bound application (for `serve.run`); `app_builder(args)` is the
-import path for `serve run` / `serve deploy` YAML (`import_path: orchestrator.serve.app:app_builder`).
+Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models, GET /health.
+
+`build_app(config)` returns the bound application (for `serve.run`); `app_builder(args)` is the import path
+for `serve run` / `serve deploy` YAML (`import_path: orchestrator.serve.app:app_builder`).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types to inject `Request`.
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import storage
-from orchestrator.config import PipelineConfig, ServeConfig, load_config, s3_settings
-from orchestrator.errors import ConfigError
-from orchestrator.layout import RunLayout
+from orchestrator.config import PipelineConfig, load_config
 from orchestrator.runtime import configure_storage
-from orchestrator.serve.protocol import GenerationParams, OpenAIError, parse_chat, parse_completion
+from orchestrator.serve.http import authorize, install_error_handlers, parse_json, replica_lost, unavailable
+from orchestrator.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationParams,
+    OpenAIError,
+    parse_chat,
+    parse_completion,
+)
+from orchestrator.serve.settings import ServeSettings, replica_options, serve_settings
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="orchestrator: OpenAI-compatible API")
-
-
-@api.exception_handler(OpenAIError)
-async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return JSONResponse(OpenAIError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
-
-
-@api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("internal error")
-    error = OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
-    return JSONResponse(error.body(), status_code=500)
+install_error_handlers(api)
+LLMRequest = Union[CompletionRequest, ChatRequest]
+REPLICA_ATTEMPTS = 4  # tries of a non-streaming request across replicas before answering 503
+RETRY_PAUSE_S = 0.25  # between tries: time for Serve to see the dead replica and route elsewhere
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """What a replica needs, resolved on the driver (API keys only as sha256 digests)."""
+class Failure:
+    """An OpenAI error returned (not raised) by a model replica, so it crosses the handle intact."""
 
-    model_uri: str
-    served_model_name: str
-    defaults: GenerationParams
-    max_tokens_limit: int
-    max_batch_size: int
-    batch_wait_timeout_s: float
-    num_threads: int
-    trust_remote_code: bool
-    api_key_digests: tuple[str, ...] = field(default=(), repr=False)
-    adapters: dict[str, str] = field(default_factory=dict)
-    max_adapters_per_replica: int = 4
-    s3: Any = None
+    status: int
+    body: dict
 
-
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    def error(self) -> OpenAIError:
+        e = self.body["error"]
+        return OpenAIError(self.status, e["message"], param=e["param"], code=e["code"], type=e["type"])
 
 
 def _now() -> int:
@@ -89,9 +74,8 @@ def _usage(out: Any) -> dict[str, int]:
 
 
 @serve.deployment(max_ongoing_requests=32)
-@serve.ingress(api)
-class OpenAIServer:
-    """One replica: the model (plus any multiplexed adapters) and the HTTP routes."""
+class ModelServer:
+    """One model replica: the engine, its multiplexed adapters, one continuous-batching loop per engine."""
 
     def __init__(self, settings: ServeSettings):
         import torch
@@ -105,80 +89,178 @@ class OpenAIServer:
         self._cache = tempfile.mkdtemp(prefix="serve-model-")
         model_dir = storage.download_dir(settings.model_uri, os.path.join(self._cache, "model"))
         self.engine = HFEngine(model_dir, trust_remote_code=settings.trust_remote_code)
-        self._model_dir = model_dir
-        self._in_flight = 0  # non-streaming requests being answered by this replica
-        self._generate_batch.set_max_batch_size(settings.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
         async def load_adapter(model_id: str) -> Any:  # a plain function: Serve tags it with its LRU cache
             return await self._load_adapter(model_id)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(load_adapter)
 
-    # -- helpers
-    def _authorize(self, request: Request) -> None:
-        if not self.settings.api_key_digests:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not token or not any(hmac.compare_digest(_digest(token), d) for d in self.settings.api_key_digests):
-            raise OpenAIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                              code="invalid_api_key", type="invalid_request_error")
-
-    async def _load_adapter(self, model_id: str) -> Any:
+    async def _load_adapter(self, name: str) -> Any:
         from orchestrator.serve.engine import AdapterEngine
 
-        uri = self.settings.adapters[model_id]
-        local = await asyncio.to_thread(storage.download_dir, uri, os.path.join(self._cache, "adapters", model_id))
+        uri = self.settings.adapters[name]
+        local = await asyncio.to_thread(storage.download_dir, uri, os.path.join(self._cache, "adapters", name))
         return await asyncio.to_thread(AdapterEngine, self.engine, local)
 
-    async def _engine_for(self, model: Optional[str]) -> Any:
-        if model in (None, "", self.settings.served_model_name):
-            return self.engine
-        name = model.split(":", 1)[1] if model.startswith(self.settings.served_model_name + ":") else model
+    async def _engine(self) -> Any:
+        name = serve.get_multiplexed_model_id()
+        return await self._adapter(name) if name else self.engine
+
+    def _prompt_ids(self, engine: Any, request: LLMRequest) -> list[int]:
+        text = request.prompt if isinstance(request, CompletionRequest) else engine.chat_prompt(list(request.messages))
+        return engine.encode(text, request.params)
+
+    async def _events(self, engine: Any, ids: list[int], params: GenerationParams) -> AsyncIterator[Any]:
+        """Token ids from the engine's decode loop, then its Completion (an exception is raised)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        batcher = engine.continuous(self.settings.max_batch_size)
+        sequence = batcher.submit(ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                finished = not isinstance(event, int)
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller went away: free the batch slot
+                batcher.cancel(sequence)
+
+    async def complete(self, request: LLMRequest) -> Any:
+        """The Completion of a non-streaming request, or a Failure (e.g. 400 prompt too long)."""
+        try:
+            engine = await self._engine()
+            ids = self._prompt_ids(engine, request)
+        except OpenAIError as exc:
+            return Failure(exc.status, exc.body())
+        async for event in self._events(engine, ids, request.params):
+            if not isinstance(event, int):
+                return event
+
+    async def stream(self, request: LLMRequest) -> AsyncIterator[Any]:
+        """Text deltas (str) as tokens are decoded, then the Completion; or one Failure."""
+        from orchestrator.serve.engine import TextDeltas
+
+        try:
+            engine = await self._engine()
+            ids = self._prompt_ids(engine, request)
+        except OpenAIError as exc:
+            yield Failure(exc.status, exc.body())
+            return
+        deltas = TextDeltas(engine, request.params)
+        async for event in self._events(engine, ids, request.params):
+            if isinstance(event, int):
+                piece = deltas.push(event)
+                if piece:
+                    yield piece
+            else:
+                rest = deltas.last(event)
+                if rest:
+                    yield rest
+                yield event
+
+
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class OpenAIIngress:
+    """The HTTP routes; every generation goes to a `ModelServer` replica through a handle."""
+
+    def __init__(self, settings: ServeSettings, model_server: Any):
+        self.settings = settings
+        self._model = model_server
+        self._handles: dict[tuple[str, bool], Any] = {}
+
+    def _authorize(self, request: Request) -> None:
+        authorize(request.headers, self.settings.api_key_digests)
+
+    def _adapter_name(self, model: Optional[str]) -> str:
+        """'' for the base model, else the adapter's name; 404 for a model this app does not serve."""
+        served = self.settings.served_model_name
+        if model in (None, "", served):
+            return ""
+        name = model.split(":", 1)[1] if model.startswith(served + ":") else model
         if name not in self.settings.adapters:
             raise OpenAIError(404, f"model '{model}' does not exist; see GET /v1/models", param="model",
                               code="model_not_found")
-        return await self._adapter(name)
+        return name
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _generate_batch(self, items: list[tuple[Any, list[int], GenerationParams]]) -> list[Any]:
-        """Batched generation; requests that differ in engine or parameters run as separate groups."""
-        results: list[Any] = [None] * len(items)
-        groups: dict[tuple[int, GenerationParams], list[int]] = {}
-        for i, (engine, _, params) in enumerate(items):
-            groups.setdefault((id(engine), params), []).append(i)
-        for (_, params), indices in groups.items():
-            engine = items[indices[0]][0]
-            prompts = [items[i][1] for i in indices]
+    def _handle(self, adapter: str, stream: bool) -> Any:
+        key = (adapter, stream)
+        if key not in self._handles:
+            options: dict[str, Any] = {"stream": stream}
+            if adapter:
+                options["multiplexed_model_id"] = adapter
+            self._handles[key] = self._model.options(**options)
+        return self._handles[key]
+
+    async def _complete(self, request: LLMRequest) -> Any:
+        """A non-streaming request; sent again to another replica when its replica dies (generation has no
+        side effects, so a retry is safe)."""
+        handle = self._handle(self._adapter_name(request.model), stream=False)
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
             try:
-                outputs = await asyncio.to_thread(engine.generate, prompts, params)
-            except Exception as exc:  # fail this group only, not the whole batch
-                outputs = [exc] * len(indices)
-            for i, output in zip(indices, outputs):
-                results[i] = output
-        return results
-
-    async def _complete(self, engine: Any, prompt_ids: list[int], params: GenerationParams) -> Any:
-        self._in_flight += 1
-        try:
-            # Alone on the replica (nothing to batch with), or seeded (the seed must apply to this request
-            # only): generate at once instead of waiting batch_wait_timeout_s for company.
-            if self._in_flight == 1 or params.seed is not None or self.settings.max_batch_size == 1:
-                return (await asyncio.to_thread(engine.generate, [prompt_ids], params))[0]
-            result = await self._generate_batch((engine, prompt_ids, params))
-        finally:
-            self._in_flight -= 1
-        if isinstance(result, Exception):
-            raise result
+                result = await handle.complete.remote(request)
+                break
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                log.warning("replica lost during a request (attempt %d of %d): %s", attempt, REPLICA_ATTEMPTS,
+                            type(exc).__name__)
+                if attempt == REPLICA_ATTEMPTS:
+                    raise unavailable(attempt) from None
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        if isinstance(result, Failure):
+            raise result.error()
         return result
 
-    async def _body(self, request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    async def _stream(self, request: LLMRequest, chunk: Any, first: Optional[dict]) -> StreamingResponse:
+        """SSE events. The first event is awaited before answering, so a 400 stays a 400; a replica lost before
+        anything was sent is retried, one lost later ends the stream with an error event."""
+        handle = self._handle(self._adapter_name(request.model), stream=True)
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            events = handle.stream.remote(request)
+            try:
+                head = await events.__anext__()
+                break
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if attempt == REPLICA_ATTEMPTS:
+                    raise unavailable(attempt) from None
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        if isinstance(head, Failure):
+            raise head.error()
 
-    # -- routes
+        def sse(data: Any) -> str:
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        async def body() -> AsyncIterator[str]:
+            if first is not None:
+                yield sse(first)
+            event = head
+            while True:
+                yield sse(chunk(event, None) if isinstance(event, str) else chunk("", event.finish_reason))
+                if not isinstance(event, str):
+                    break
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    log.warning("stream ended early: %s", type(exc).__name__)
+                    error = unavailable(1) if replica_lost(exc) else OpenAIError(
+                        500, f"internal error: {type(exc).__name__}", code="internal_error")
+                    yield sse(error.body())
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -193,16 +275,15 @@ class OpenAIServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         self._authorize(request)
-        req = parse_completion(await self._body(request), self.settings.defaults, self.settings.max_tokens_limit)
-        engine = await self._engine_for(req.model)
-        ids = engine.encode(req.prompt, req.params)
+        req = parse_completion(parse_json(await request.body()), self.settings.defaults,
+                               self.settings.max_tokens_limit)
         name, rid = req.model or self.settings.served_model_name, f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             def chunk(text: str, finish: Optional[str]) -> dict:
                 return {"id": rid, "object": "text_completion", "created": _now(), "model": name,
                         "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-            return self._sse(engine, ids, req.params, chunk, first=None)
-        out = await self._complete(engine, ids, req.params)
+            return await self._stream(req, chunk, first=None)
+        out = await self._complete(req)
         return {"id": rid, "object": "text_completion", "created": _now(), "model": name,
                 "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}],
                 "usage": _usage(out)}
@@ -210,138 +291,29 @@ class OpenAIServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         self._authorize(request)
-        req = parse_chat(await self._body(request), self.settings.defaults, self.settings.max_tokens_limit)
-        engine = await self._engine_for(req.model)
-        ids = engine.encode(engine.chat_prompt(list(req.messages)), req.params)
+        req = parse_chat(parse_json(await request.body()), self.settings.defaults, self.settings.max_tokens_limit)
         name, rid = req.model or self.settings.served_model_name, f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             def chunk(text: Optional[str], finish: Optional[str], role: bool = False) -> dict:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 return {"id": rid, "object": "chat.completion.chunk", "created": _now(), "model": name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return self._sse(engine, ids, req.params, chunk, first=chunk(None, None, role=True))
-        out = await self._complete(engine, ids, req.params)
+            return await self._stream(req, chunk, first=chunk(None, None, role=True))
+        out = await self._complete(req)
         return {"id": rid, "object": "chat.completion", "created": _now(), "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                              "finish_reason": out.finish_reason}],
                 "usage": _usage(out)}
 
-    def _sse(self, engine: Any, ids: list[int], params: GenerationParams, chunk: Any,
-             first: Optional[dict]) -> StreamingResponse:
-        from orchestrator.serve.engine import Completion
-
-        async def events() -> AsyncIterator[str]:
-            if first is not None:
-                yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
-            pieces = engine.stream(ids, params)
-            done = object()
-            while True:
-                piece = await asyncio.to_thread(next, pieces, done)
-                if piece is done:
-                    break
-                if isinstance(piece, Completion):
-                    yield f"data: {json.dumps(chunk('', piece.finish_reason), ensure_ascii=False)}\n\n"
-                    continue
-                yield f"data: {json.dumps(chunk(piece, None), ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def default_model_uri(config: PipelineConfig) -> str:
-    """serve.model, else the pipeline's final model: models/preference, models/sft or models/pretrain (the last
-    stage that exists)."""
-    if config.serve.model:
-        return config.serve.model
-    layout = RunLayout.of(config)
-    for stage in ("preference", "sft", "pretrain"):
-        if storage.exists(storage.join(layout.model(stage), "config.json")):
-            return layout.model(stage)
-    raise ConfigError(f"no model to serve: set serve.model, or train first (looked in {layout.models}/preference, "
-                      "/sft and /pretrain)")
-
-
-def load_api_keys(cfg: ServeConfig) -> list[str]:
-    """API keys from the named environment variable and/or file (never logged)."""
-    keys: list[str] = []
-    if cfg.api_keys_env:
-        value = os.environ.get(cfg.api_keys_env)
-        if not value:
-            raise ConfigError(f"serve.api_keys_env names {cfg.api_keys_env}, but that variable is empty or unset")
-        keys += [k.strip() for k in value.split(",") if k.strip()]
-    if cfg.api_keys_file:
-        try:
-            with open(cfg.api_keys_file, encoding="utf-8") as handle:
-                keys += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-        except OSError as exc:
-            raise ConfigError(f"serve.api_keys_file: cannot read {cfg.api_keys_file}: {exc.strerror}") from exc
-    return keys
-
-
-def serve_settings(config: PipelineConfig) -> ServeSettings:
-    cfg = config.serve
-    d = cfg.defaults
-    defaults = GenerationParams.from_config(d)
-    return ServeSettings(
-        model_uri=default_model_uri(config),
-        served_model_name=cfg.served_model_name or config.run_name,
-        defaults=defaults,
-        max_tokens_limit=cfg.max_tokens_limit,
-        max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-        num_threads=max(1, int(cfg.num_cpus_per_replica)),
-        trust_remote_code=cfg.trust_remote_code,
-        api_key_digests=tuple(_digest(k) for k in load_api_keys(cfg)),
-        adapters=dict(cfg.adapters),
-        max_adapters_per_replica=cfg.max_adapters_per_replica,
-        s3=s3_settings(config.storage),
-    )
-
-
-# What the vLLM engine (ray.serve.llm) cannot honour of our API, for the docs and the startup log.
-VLLM_UNSUPPORTED = ("num_beams > 1", "no_repeat_ngram_size", "do_sample=false with temperature > 0 (use temperature 0)",
-                    "serve.api_keys_env/api_keys_file (put an auth proxy in front)", "serve.adapters from this config")
-
-
-def build_vllm_app(config: PipelineConfig) -> serve.Application:
-    """serve.engine=vllm: Ray Serve LLM's OpenAI app on vLLM (GPU clusters with vLLM installed)."""
-    try:
-        import vllm  # noqa: F401
-        from ray.serve.llm import LLMConfig, build_openai_app
-    except ImportError:
-        raise ConfigError("serve.engine=vllm needs vLLM and a GPU (pip install vllm on the GPU image); "
-                          "use serve.engine=hf on CPU") from None
-    cfg = config.serve
-    deployment = _replica_options(cfg)
-    deployment.pop("ray_actor_options")  # ray.serve.llm places vLLM's GPUs itself
-    log.warning("serve.engine=vllm does not support: %s", "; ".join(VLLM_UNSUPPORTED))
-    llm = LLMConfig(model_loading_config={"model_id": cfg.served_model_name or config.run_name,
-                                          "model_source": default_model_uri(config)},
-                    deployment_config=deployment,
-                    engine_kwargs={"trust_remote_code": cfg.trust_remote_code,
-                                   "tensor_parallel_size": max(1, int(cfg.num_gpus_per_replica))})
-    return build_openai_app({"llm_configs": [llm]})
-
 
 def build_app(config: PipelineConfig) -> serve.Application:
-    """The bound Serve application for `config.serve`."""
-    cfg = config.serve
-    if cfg.engine == "vllm":
+    """The bound Serve application for `config.serve` (either engine)."""
+    if config.serve.engine == "vllm":
+        from orchestrator.serve.vllm_app import build_vllm_app
+
         return build_vllm_app(config)
-    return OpenAIServer.options(**_replica_options(cfg)).bind(serve_settings(config))
-
-
-def _replica_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Deployment options from `serve`: replicas (fixed or autoscaled), concurrency, resources."""
-    options: dict[str, Any] = {
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
-    }
-    if cfg.autoscaling is not None:
-        options["autoscaling_config"] = cfg.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = cfg.num_replicas
-    return options
+    settings = serve_settings(config)
+    return OpenAIIngress.bind(settings, ModelServer.options(**replica_options(config.serve)).bind(settings))
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

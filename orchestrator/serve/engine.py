@@ -1,18 +1,19 @@
-"""Hugging Face `generate` behind the API: batched generation with left padding, token-by-token
-streaming, stop strings, usage counts. Plain Python (no Serve), so it is tested and benchmarked
+"""Hugging Face models behind the API: `generate` for one left-padded batch (beam search, offline use),
+`continuous()` for the serving decode loop (orchestrator/serve/continuous.py), text deltas for streaming,
+stop strings, usage counts. Plain Python (no Serve), so it is tested and benchmarked
 in-process against the very same code the deployment runs."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from orchestrator.data.templates import prompt_for_generation, select_template
+from orchestrator.serve.continuous import ContinuousBatcher
 from orchestrator.serve.protocol import GenerationParams, check_context, cut_at_stop, stop_prefix_hold
 
 log = logging.getLogger(__name__)
@@ -26,26 +27,8 @@ class Completion:
     completion_tokens: int
 
 
-class _TokenQueue:
-    """A transformers streamer that hands every new token id to a queue (no word-boundary buffering)."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first sends the prompt
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(token)
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
 class HFEngine:
-    """One model + tokenizer; `generate` for batches, `stream` for one request."""
+    """One model + tokenizer; `generate` for a batch, `continuous()` for requests that come and go."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool = False, dtype: Optional[torch.dtype] = None,
                  device: Optional[str] = None, tokenizer_dir: Optional[str] = None):
@@ -98,7 +81,7 @@ class HFEngine:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def _finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Completion:
+    def finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Completion:
         ended = False
         for i, token in enumerate(new_ids):
             if token in self.eos_ids:
@@ -118,59 +101,43 @@ class HFEngine:
                 torch.manual_seed(params.seed)
             output = self.model.generate(**inputs, **self._kwargs(params))
         width = inputs["input_ids"].shape[1]
-        return [self._finish(output[i, width:].tolist(), len(p), params) for i, p in enumerate(prompts)]
+        return [self.finish(output[i, width:].tolist(), len(p), params) for i, p in enumerate(prompts)]
 
-    def stream(self, prompt: list[int], params: GenerationParams) -> Iterator[Any]:
-        """Text deltas (str) as tokens are generated, then one Completion with the finish reason and usage.
+    def continuous(self, max_batch_size: int = 8) -> "ContinuousBatcher":
+        """This engine's continuous-batching decode loop (created on first use, one per engine)."""
+        if getattr(self, "_batcher", None) is None:
+            self._batcher = ContinuousBatcher(self, max_batch_size)
+        return self._batcher
 
-        The deltas concatenate to exactly `generate`'s text for the same (greedy) request.
-        """
-        streamer = _TokenQueue()
-        inputs = self._inputs([prompt])
-        errors: list[BaseException] = []
 
-        def run() -> None:
-            try:
-                with self._lock, torch.no_grad():
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
-                    self.model.generate(**inputs, **self._kwargs(params), streamer=streamer)
-            except BaseException as exc:  # surfaced to the consumer below
-                errors.append(exc)
-                streamer.end()
+class TextDeltas:
+    """Token ids in, text deltas out: holds back an incomplete UTF-8 character and a possible stop-string
+    prefix, cuts at a stop string. The deltas concatenate to exactly `HFEngine.finish`'s text."""
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        ids: list[int] = []
-        sent = ""
-        ended = False
-        while True:
-            token = streamer.queue.get()
-            if token is None:
-                break
-            if token in self.eos_ids:
-                ended = True
-                break
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            cut, stopped = cut_at_stop(text, params.stop)
-            if stopped:
-                if len(cut) > len(sent):
-                    yield cut[len(sent):]
-                sent = cut
-                break
-            # hold back an incomplete UTF-8 character and a possible stop-string prefix
-            ready = text[: len(text) - stop_prefix_hold(text, params.stop)].rstrip("\ufffd")
-            if len(ready) > len(sent):
-                yield ready[len(sent):]
-                sent = ready
-        thread.join()
-        if errors:
-            raise errors[0]
-        finished = self._finish(ids + [next(iter(self.eos_ids))] if ended else ids, len(prompt), params)
-        if len(finished.text) > len(sent) and finished.text.startswith(sent):
-            yield finished.text[len(sent):]
-        yield finished  # last item: finish reason and token counts
+    def __init__(self, engine: HFEngine, params: GenerationParams):
+        self.engine, self.params = engine, params
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The new text this token makes safe to send ("" when nothing is)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self.engine.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut, self.stopped = cut_at_stop(text, self.params.stop)
+        ready = cut if self.stopped else text[: len(text) - stop_prefix_hold(text, self.params.stop)].rstrip("\ufffd")
+        if len(ready) <= len(self.sent):
+            return ""
+        delta, self.sent = ready[len(self.sent):], ready
+        return delta
+
+    def last(self, finished: Completion) -> str:
+        """What is left to send once the request has finished."""
+        if len(finished.text) > len(self.sent) and finished.text.startswith(self.sent):
+            return finished.text[len(self.sent):]
+        return ""
 
 
 class AdapterEngine(HFEngine):

@@ -65,8 +65,7 @@ def served(ray_cluster, tmp_path_factory):
     adapters = {"medical-a": make_adapter(result.model_uri, tmp / "a1", 1),
                 "medical-b": make_adapter(result.model_uri, tmp / "a2", 2)}
     os.environ["ORCH_TEST_API_KEYS"] = f"other-key,{KEY}"
-    tree["serve"] = {"port": free_port(), "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-                     "max_tokens_limit": 200, "api_keys_env": "ORCH_TEST_API_KEYS", "adapters": adapters,
+    tree["serve"] = {"port": free_port(), "max_batch_size": 8, "max_tokens_limit": 200, "api_keys_env": "ORCH_TEST_API_KEYS", "adapters": adapters,
                      "defaults": {"max_tokens": 16}}
     config = config_from_dict(tree)
     url = run_server(config, blocking=False)
@@ -105,6 +104,22 @@ def offline_greedy(model_dir: str, prompt: str, max_new: int, adapter: str | Non
                                     eos_token_id=model.generation_config.eos_token_id,
                                     pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def has_openai_error_body(text: str) -> bool:
+    try:
+        return bool(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def model_replicas(app_name: str) -> int:
+    """RUNNING replicas of an application's model deployment (its ingress not counted)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    deployment = app.deployments.get("ModelServer") if app is not None else None
+    return deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
 
 
 def test_routes_with_the_openai_client(served):
@@ -285,10 +300,7 @@ def test_autoscaling_goes_up_under_load_and_back_down(served):
     serve.run(build_app(config_from_dict(tree)), name="autoscale", route_prefix="/as", blocking=False)
 
     def running() -> int:
-        app = serve.status().applications.get("autoscale")
-        if app is None:
-            return 0
-        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+        return model_replicas("autoscale")
 
     stop, seen = threading.Event(), []
 
@@ -346,12 +358,57 @@ def test_concurrent_requests_are_batched_without_changing_answers(served):
     assert [r["choices"][0]["text"] for r in together] == alone
 
 
-def test_vllm_engine_is_refused_clearly_without_vllm(served):
-    from orchestrator.errors import ConfigError
+def test_a_replica_killed_under_load_loses_no_request(served):
+    """1,000 requests at concurrency 16 (10% invalid) while one of two model replicas is SIGKILLed: every valid
+    request is answered 200 (retried on the other replica), every invalid one 400; no body is plain text."""
+    import signal
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray import serve
+
     from orchestrator.serve.app import build_app
 
     tree = served["config"].model_dump(mode="json")
     tree["storage"] = {}
-    tree["serve"]["engine"] = "vllm"
-    with pytest.raises(ConfigError, match="needs vLLM"):
-        build_app(config_from_dict(tree))
+    tree["serve"].update(api_keys_env=None, adapters={}, num_replicas=2)
+    serve.run(build_app(config_from_dict(tree)), name="faults", route_prefix="/faults", blocking=False)
+    deadline = time.monotonic() + 90
+    while model_replicas("faults") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert model_replicas("faults") == 2
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::faults#ModelServer#")]
+    victim = ray.get_actor(replicas[0], namespace="serve")
+    pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
+    answered, killed = [], threading.Event()
+    local = threading.local()
+
+    def one(i: int) -> tuple[bool, int, str]:
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(timeout=120)
+        valid = i % 10 != 3
+        body = {"prompt": ["发烧", "头疼怎么办", "感冒"][i % 3], "max_tokens": 12, "temperature": 0 if valid else -1}
+        response = local.http.post(served["url"] + "/faults/v1/completions", json=body)
+        answered.append(i)
+        if len(answered) == 150 and not killed.is_set():
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+        return valid, response.status_code, response.text
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(1000)))
+    finally:
+        serve.delete("faults")
+    assert killed.is_set()
+    valid = [(status, text) for ok, status, text in results if ok]
+    invalid = [(status, text) for ok, status, text in results if not ok]
+    failed = [(status, text) for status, text in valid if status != 200]
+    plain = [text for _, text in failed + invalid if not has_openai_error_body(text)]
+    print(f"replica kill: {len(valid) - len(failed)}/{len(valid)} valid answered 200")
+    assert not plain, f"{len(plain)} responses without an OpenAI JSON body: {[t[:200] for t in plain[:3]]}"
+    assert not failed, f"{len(failed)} of {len(valid)} valid requests failed: {[f[:200] for _, f in failed[:3]]}"
+    assert all(status == 400 for status, _ in invalid)

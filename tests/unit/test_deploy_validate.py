@@ -170,7 +170,7 @@ SERVE_AT = "spec.serveConfigV2.applications[0].deployments[0]"
     ("RayService/llm-serve", lambda s: _set_serve(s, lambda c: _deployment(c).update(max_ongoing_request=4)),
      f"{SERVE_AT}.max_ongoing_request", "did you mean 'max_ongoing_requests'?"),
     ("RayService/llm-serve", lambda s: _set_serve(s, lambda c: _deployment(c).update(name="Server")),
-     f"{SERVE_AT}.name", "is not a deployment of orchestrator.serve.app:app_builder (OpenAIServer)"),
+     f"{SERVE_AT}.name", "is not a deployment of orchestrator.serve.app:app_builder (ModelServer, OpenAIIngress)"),
     ("RayService/llm-serve", lambda s: _set_serve(s, lambda c: c["applications"][0]["args"].update(
         overrides="serve.max_batch_size=64")), "spec.serveConfigV2.applications[0].args", "cannot be built"),
     ("RayService/llm-serve", lambda s: _set_serve(s, lambda c: c["http_options"].update(port=9000)),
