@@ -109,6 +109,28 @@ def serve_rows(run_fresh: bool = True) -> list[Row]:
     return rows
 
 
+def fault_rows() -> list[Row]:
+    """A model replica SIGKILLed under load: valid requests answered, failures with an OpenAI body (run now)."""
+    done = subprocess.run([sys.executable, str(BENCH / "serve_faults.py")], capture_output=True, text=True,
+                          timeout=1800)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:]
+        return [Row(measure="Replica kill under load (serve_faults.py) (FAILED)",
+                    ours=f"rc {done.returncode}: {tail}"[:300], baseline="", ratio=None, goal="")]
+    r = json.loads((RESULTS / "serve_faults.json").read_text())
+    where = (f"{r['requests']} chat requests at concurrency {r['concurrency']}, 10% invalid, 2 replicas "
+             "(serve_faults.py, run now)")
+    return [
+        Row(measure=f"Replica SIGKILLed mid-load: valid requests answered 200 ({where})",
+            ours=f"{r['valid_ok']} of {r['valid']}", baseline="", ratio=r["valid_ok_share"], goal=">= 99.9%",
+            details=r),
+        Row(measure="Replica SIGKILLed mid-load: failed valid requests that carry an OpenAI error body",
+            ours=f"{r['failures_with_openai_body']} of {r['failures']}", baseline="",
+            ratio=r["failures_with_body_share"], goal=">= 100%",
+            details={"invalid_400_with_body": f"{r['invalid_400_with_body']} of {r['invalid']}"}),
+    ]
+
+
 def gpu_rows() -> list[Row]:
     """Rows of bench/gpu_check.sh's gpu.json, or one row saying the GPU check has not run."""
     path = RESULTS / "gpu.json"

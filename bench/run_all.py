@@ -5,7 +5,8 @@
 Runs, in order: packing efficiency (packing.py), stage-1 data preparation vs `datasets`
 (data_prep.py), checkpoint transfer vs boto3 (storage_bench.py, run fresh), training overhead of
 Ray Train + DeepSpeed vs a bare PyTorch loop (train_overhead.py), serving over HTTP vs in-process
-(serve_bench.py, run fresh: HF engine, and vLLM when installed); then the GPU check (gpu.json) when present. Writes bench/results/latest.json
+(serve_bench.py, run fresh: HF engine, and vLLM when installed), requests lost when a replica is killed
+(serve_faults.py, run fresh); then the GPU check (gpu.json) when present. Writes bench/results/latest.json
 and bench/results/latest.md: one row per measure with ours, baseline, ratio, goal and whether it is
 met, and for every missed goal what bounds it and what would close the gap. About 10-15 minutes on
 2 CPU cores (longer when other jobs load the machine).
@@ -42,6 +43,7 @@ MEASURES: dict[str, Callable[[], list[Row]]] = {
     "storage": recorded.storage_rows,
     "training": train_overhead.measure,
     "serve": recorded.serve_rows,
+    "serve_faults": recorded.fault_rows,
     "gpu": recorded.gpu_rows,
 }
 log = logging.getLogger("bench")

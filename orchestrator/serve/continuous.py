@@ -144,7 +144,7 @@ class ContinuousBatcher:
                 self._step(arrivals)
             except BaseException as exc:  # a failed step fails the requests in it, not the loop
                 log.exception("decode step failed")
-                for sequence in self._running + arrivals:
+                for sequence in {id(s): s for s in self._running + arrivals}.values():
                     sequence.notify(exc)
                 self._running, self._cache, self._mask = [], None, None
 
