@@ -67,7 +67,7 @@ def offline_greedy(model_dir: str, prompt: str, max_new: int, adapter: str | Non
         model = PeftModel.from_pretrained(model, adapter)
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.eval().generate(**ids, max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new,
+        out = model.eval().generate(**ids, max_new_tokens=max_new, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -105,9 +105,8 @@ def test_completion_chat_and_models_with_the_openai_client(served):
 
     client = openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["tiny-vllm", "medical-a", "medical-b"]
-    completion = client.completions.create(model="tiny-vllm", prompt="发烧", max_tokens=8, temperature=0,
-                                           extra_body={"min_tokens": 8})
-    assert completion.usage.completion_tokens == 8
+    completion = client.completions.create(model="tiny-vllm", prompt="发烧", max_tokens=8, temperature=0)
+    assert 0 < completion.usage.completion_tokens <= 8
     assert completion.choices[0].text == offline_greedy(served["model_dir"], "发烧", 8)
     chat = client.chat.completions.create(model="tiny-vllm", max_tokens=6, temperature=0,
                                           messages=[{"role": "user", "content": "头疼怎么办？"}])
