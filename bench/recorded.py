@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,6 +79,9 @@ def serve_rows(run_fresh: bool = True) -> list[Row]:
     else:
         note = f"recorded {_mtime(path)}"
     result = json.loads(path.read_text())
+    load = result.get("load_average")
+    if load:
+        note += f", load average {load[0]:.1f} then {load[-1]:.1f} on {os.cpu_count()} CPUs"
     ratios, inproc, served = result["ratios"], result["in_process"], result["serve"]
     c1, c8, c32 = (served[f"hf batching=on c={c}"] for c in (1, 8, 32))
     tokens = result["tokens"]
