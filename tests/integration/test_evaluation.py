@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from orchestrator import storage
-from orchestrator.config import TinyModelConfig, config_from_dict
+from orchestrator.config import TinyModelConfig, config_from_dict, load_config_for_models
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
 from orchestrator.train.metrics_log import MetricsLog, read_metrics
 from orchestrator.layout import RunLayout
@@ -149,10 +149,11 @@ def test_cli_evaluates_a_model_from_s3_and_writes_the_report_to_s3(ray_cluster, 
     from orchestrator.cli.main import main
 
     _, config, _ = run_dir
-    tree = config.model_dump(mode="json")
-    tree["storage"] = {"s3": {"endpoint_url": s3_server.endpoint, "region": REGION, "access_key_id": ACCESS_KEY,
-                              "secret_access_key": SECRET_KEY}}
-    tree["eval"] = {"qa": [tree["eval"]["qa"][0] | {"max_records": 2}], "generation": {"max_tokens": 4}}
+    # A bare evaluation config: no model or tokenizer section, the model directory carries its tokenizer.
+    tree = {"storage": {"s3": {"endpoint_url": s3_server.endpoint, "region": REGION, "access_key_id": ACCESS_KEY,
+                               "secret_access_key": SECRET_KEY}},
+            "eval": {"qa": [config.eval.qa[0].model_dump(mode="json") | {"max_records": 2}],
+                     "generation": {"max_tokens": 4}}}
     config_file = tmp_path / "eval.yaml"
     config_file.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     client = s3_server.client()
@@ -176,7 +177,7 @@ def test_cli_evaluates_a_model_from_s3_and_writes_the_report_to_s3(ray_cluster, 
     from orchestrator.evaluation.scoring import ModelScorer, ScorerSettings, generation_params
     from orchestrator.evaluation.sets import load_qa_set
 
-    loaded = config_from_dict(tree)
+    loaded = load_config_for_models(config_file, [], str(sft_dir))
     scorer = ModelScorer.load(str(sft_dir), ScorerSettings(generation_params(loaded.eval.generation)))
     items = load_qa_set(loaded.eval.qa[0])
     threads = torch.get_num_threads()
