@@ -40,6 +40,13 @@ def configure_storage(storage_config: StorageConfig) -> storage.S3Settings:
     return settings
 
 
+def quiet_serve_logger() -> None:
+    """Ray Serve gives its driver-side logger a console handler of its own at INFO when it is imported;
+    when quiet, keep it to warnings (call after importing ray.serve)."""
+    if _quiet:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def is_quiet() -> bool:
     """Whether this process keeps Ray's (and Tune's) output off the console (see quiet_ray)."""
     return _quiet

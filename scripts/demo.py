@@ -61,7 +61,10 @@ def serve_and_ask(config) -> None:
 
     from ray import serve
 
+    from orchestrator.runtime import quiet_serve_logger
     from orchestrator.serve.app import run_server
+
+    quiet_serve_logger()
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -148,9 +148,10 @@ def _serve(args: argparse.Namespace) -> int:
     import time
 
     from orchestrator.config import load_config
-    from orchestrator.runtime import ensure_ray
+    from orchestrator.runtime import ensure_ray, quiet_serve_logger
     from orchestrator.serve.app import run_server
 
+    quiet_serve_logger()
     config = load_config(args.config, args.overrides)
     ensure_ray(args.address)
     url = run_server(config, blocking=False)
