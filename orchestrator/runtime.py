@@ -27,8 +27,8 @@ _quiet = False  # see quiet_ray
 
 def quiet_ray(quiet: bool = True) -> None:
     """Keep Ray's own output off this process's console: worker and actor output stays in Ray's log
-    files (and the run's logs/<stage>/worker-<rank>.log), Ray's driver-side logging shows warnings only,
-    and Ray Data draws no progress bars. Set once by the CLI before Ray starts; `--verbose` leaves it off."""
+    files (and the run's logs/<stage>/worker-<rank>.log), Ray's driver-side logging shows errors only and
+    Ray Data draws no progress bars. Set once by the CLI before Ray starts; `--verbose` leaves it off."""
     global _quiet
     _quiet = quiet
 
@@ -65,7 +65,8 @@ def _ray_output() -> dict:
 
     if _quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
-    return {"log_to_driver": not _quiet, "logging_level": logging.WARNING if _quiet else logging.INFO}
+    # Quiet: Ray's driver-side warnings (e.g. "token authentication is enabled") stay in Ray's logs too.
+    return {"log_to_driver": not _quiet, "logging_level": logging.ERROR if _quiet else logging.INFO}
 
 
 def ensure_ray_with_dashboard(address: Optional[str] = None) -> None:

@@ -18,7 +18,21 @@ _file_handlers: dict[str, logging.Handler] = {}
 # Libraries that draw on the console themselves: transformers' own handler bypasses ours; tqdm bars of
 # libraries (weights loading, Ray Data) are off (ours pass disable=False). Train workers on a local cluster
 # inherit these.
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Loggers with a console handler of their own (they do not propagate): below errors, their records go
+# to the run's log files only.
+_OWN_CONSOLE_LOGGERS = ("DeepSpeed",)
+
+
+class _ToRunLogOnly(logging.Filter):
+    """On a logger with its own console handler: errors pass; other records go to our log files instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        for handler in _file_handlers.values():
+            handler.handle(record)
+        return False
 
 
 class _QuietConsole(logging.Filter):
@@ -54,6 +68,9 @@ def configure_output(verbose: bool) -> Callable[[], None]:
         quiet_ray()
         for name, value in _QUIET_ENV.items():
             os.environ.setdefault(name, value)
+        _hf_progress_bars(enabled=False)
+        for name in _OWN_CONSOLE_LOGGERS:
+            logging.getLogger(name).addFilter(_TO_RUN_LOG_ONLY)
         progress.install(ProgressBars(sys.stderr))
 
     def restore() -> None:
@@ -69,6 +86,10 @@ def configure_output(verbose: bool) -> Callable[[], None]:
                 root.addHandler(handler)
         root.setLevel(level)
         progress.install(listener)
+        if not verbose:
+            _hf_progress_bars(enabled=True)
+            for name in _OWN_CONSOLE_LOGGERS:
+                logging.getLogger(name).removeFilter(_TO_RUN_LOG_ONLY)
         quiet_ray(quiet)
         logging.captureWarnings(False)
         for name, value in env.items():
@@ -78,6 +99,18 @@ def configure_output(verbose: bool) -> Callable[[], None]:
                 os.environ[name] = value
 
     return restore
+
+
+_TO_RUN_LOG_ONLY = _ToRunLogOnly()
+
+
+def _hf_progress_bars(enabled: bool) -> None:
+    """transformers' bars (loading, writing shards) follow huggingface_hub's switch, read at its import:
+    flip it when already imported (the environment variable covers a later import)."""
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if enabled else disable_progress_bars)()
 
 
 def log_to_file(path: str) -> None:

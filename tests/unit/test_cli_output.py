@@ -69,3 +69,26 @@ def test_outputs_summary_names_the_run_logs_report_and_tracking(tmp_path):
     assert lines[0] == f"run         {tmp_path}/r"
     assert lines[1].startswith(f"logs        {tmp_path}/r/logs/")
     assert lines[2:] == ["eval report r/eval/report.md", "tracking    MLflow run abc"]
+
+
+def test_deepspeeds_own_console_handler_is_kept_to_errors_and_the_rest_goes_to_the_run_log(tmp_path):
+    own_console = io.StringIO()
+    deepspeed = logging.getLogger("DeepSpeed")  # as DeepSpeed sets it up: its own handler, no propagation
+    handler = logging.StreamHandler(own_console)
+    deepspeed.addHandler(handler)
+    deepspeed.propagate = False
+    path = tmp_path / "driver.log"
+    restore = configure_output(verbose=False)
+    try:
+        log_to_file(str(path))
+        deepspeed.warning("Setting accelerator to CPU")
+        deepspeed.error("cannot build op")
+    finally:
+        restore()
+    try:
+        assert own_console.getvalue().splitlines() == ["cannot build op"]
+        assert "Setting accelerator to CPU" in path.read_text()
+        deepspeed.warning("after the command")
+        assert "after the command" in own_console.getvalue()  # the filter left with the command
+    finally:
+        deepspeed.removeHandler(handler)
