@@ -18,14 +18,14 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.cli.output import configure_output, log_to_file, run_summary  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.layout import RunLayout  # noqa: E402
-from orchestrator.pipeline import run_pipeline  # noqa: E402
-from orchestrator.train.metrics_log import read_metrics  # noqa: E402
 
 
 def main() -> int:
     """`python scripts/demo.py [--verbose] [key=value ...]`: quiet (progress bars) unless --verbose."""
     args = sys.argv[1:]
-    configure_output(verbose="--verbose" in args)
+    configure_output(verbose="--verbose" in args)  # before torch, DeepSpeed and Ray are imported
+    from orchestrator.pipeline import run_pipeline
+
     started = time.perf_counter()
     run_name = time.strftime("demo-%Y%m%d-%H%M%S")
     config = load_config(ROOT / "configs" / "tiny.yaml", [f"run_name={run_name}", *(a for a in args if a != "--verbose")])
@@ -40,6 +40,8 @@ def main() -> int:
 
 def print_loss_table(config, result) -> None:
     """Train loss (last logged step of the epoch) and eval loss / perplexity of every epoch of every stage."""
+    from orchestrator.train.metrics_log import read_metrics
+
     print(f"\n{'stage':<9}{'epoch':>6}{'train_loss':>12}{'eval_loss':>11}{'eval_ppl':>10}")
     for stage in result.stages:
         last_train = {}
