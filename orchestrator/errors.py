@@ -30,13 +30,16 @@ class RecordError(DataError):
 class DataValidationError(DataError):
     """Several bad records found while validating a data source before training."""
 
-    def __init__(self, errors: list[RecordError], total: int):
+    def __init__(self, errors: list[RecordError], total: int, per_file: dict[str, int] | None = None):
         self.errors = errors
         self.total = total
+        self.per_file = dict(per_file or {})
         listed = "\n".join(f"  - {e}" for e in errors)
         more = f"\n  ... and {total - len(errors)} more" if total > len(errors) else ""
+        files = ("\n  bad records per file: " + ", ".join(f"{name}: {count}" for name, count in sorted(self.per_file.items()))
+                 if self.per_file else "")
         super().__init__(
-            f"{total} bad record(s); fix them or set data.bad_records=skip to drop them:\n{listed}{more}"
+            f"{total} bad record(s); fix them or set data.bad_records=skip to drop them:\n{listed}{more}{files}"
         )
 
 

@@ -1,0 +1,86 @@
+"""The prepare's pure steps, unit by unit, without Ray: planning units, reading with the bad-record policy,
+tokenizing into shards, and merging the summaries into one manifest (or one report of every problem)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from orchestrator.config import DataConfig, DataSourceConfig
+from orchestrator.data.prepare import prepare_stage_data
+from orchestrator.data.shards import read_shard
+from orchestrator.data.templates import select_template
+from orchestrator.data.units import hash_share, merge_summaries, plan_units, read_unit, tokenize_unit
+from orchestrator.errors import DataError, DataValidationError
+
+
+def _run(data: DataConfig, stage: str, tokenizer, out, files: dict[str, list[str]]):
+    sizes = {uri: 1000 for group in files.values() for uri in group}
+    units = plan_units(data, files, sizes, 1)
+    template = select_template(data.template, tokenizer) if stage == "sft" else None
+    summaries = [tokenize_unit(read_unit(u, stage, data), stage, data, tokenizer, template, str(out)) for u in units]
+    return units, merge_summaries(summaries, stage, data, "key", {"x": 1})
+
+
+def test_units_group_files_and_keep_max_records_sources_whole():
+    files = {"a": ["a/1", "a/2", "a/3"], "b": ["b/1", "b/2"]}
+    data = DataConfig(sources=[DataSourceConfig(path="a"), DataSourceConfig(path="b", max_records=5)])
+    units = plan_units(data, files, {f: 1000 for group in files.values() for f in group}, 2000)
+    assert [u.files for u in units] == [("a/1", "a/2"), ("a/3",), ("b/1", "b/2")]
+    assert [u.index for u in units] == [0, 1, 2] and {u.role for u in units} == {"split"}
+
+
+def test_hash_split_is_a_function_of_the_record():
+    shares = [hash_share(42, f"file.jsonl:{i}") for i in range(4000)]
+    assert all(0 <= s < 1 for s in shares)
+    assert abs(sum(s < 0.05 for s in shares) / 4000 - 0.05) < 0.015
+    assert hash_share(42, "x:1") == hash_share(42, "x:1") != hash_share(43, "x:1")
+
+
+def test_stage2_units_give_the_in_memory_examples(tmp_path, shared_data, minimind_tokenizer):
+    lines = (shared_data / "sft" / "medical_alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:120]
+    src, paths = tmp_path / "src", []
+    src.mkdir()
+    for i in range(2):
+        path = src / f"p{i}.jsonl"
+        path.write_text("\n".join(lines[i::2]) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    data = DataConfig(sources=[DataSourceConfig(path=str(src))], eval_split=0.2, max_length=128)
+    units, manifest = _run(data, "sft", minimind_tokenizer, tmp_path / "set", {str(src): paths})
+    assert len(units) == 2 and manifest.stats["records"] == 120
+    rows = collections.Counter()
+    for shard in manifest.shards:
+        table = read_shard(str(tmp_path / "set"), shard).to_pydict()
+        rows.update((tuple(i), tuple(l)) for i, l in zip(table["input_ids"], table["labels"]))
+    assert 0 < manifest.stats["eval_examples"] < 60 and manifest.rows("eval") == manifest.stats["eval_examples"]
+    reference = prepare_stage_data("sft", data.model_copy(update={"eval_split": 0}), minimind_tokenizer).train.to_pydict()
+    assert rows == collections.Counter((tuple(i), tuple(l)) for i, l in zip(reference["input_ids"], reference["labels"]))
+
+
+def test_bad_records_of_all_units_are_reported_together_or_skipped(tmp_path, minimind_tokenizer):
+    good = json.dumps({"text": "一段足够长的正文，用来打包成块。" * 4}, ensure_ascii=False)
+    files = []
+    for name, bad_lines in (("a.jsonl", {2}), ("b.jsonl", {1, 3})):
+        rows = [json.dumps({"txt": "wrong field"}) if i in bad_lines else good for i in range(1, 6)]
+        (tmp_path / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        files.append(str(tmp_path / name))
+    data = DataConfig(sources=[DataSourceConfig(path=str(tmp_path), format="document")], block_size=16)
+    with pytest.raises(DataValidationError) as caught:
+        _run(data, "pretrain", minimind_tokenizer, tmp_path / "set", {str(tmp_path): files})
+    assert caught.value.total == 3 and caught.value.per_file == {files[0]: 1, files[1]: 2}
+    assert f"{files[0]}:2: field 'text'" in str(caught.value) and f"{files[1]}:3: field 'text'" in str(caught.value)
+    _, manifest = _run(data.model_copy(update={"bad_records": "skip"}), "pretrain", minimind_tokenizer,
+                       tmp_path / "set2", {str(tmp_path): files})
+    assert manifest.stats["skipped_records"] == 3 and manifest.stats["records"] == 7
+    assert manifest.stats["train_tokens"] % 16 == 0 and manifest.stats["train_blocks"] > 0
+
+
+def test_a_unit_that_cannot_be_read_stops_the_stage(tmp_path, minimind_tokenizer):
+    (tmp_path / "ok.txt").write_text("正文一\n正文二\n", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"line\n\xff\n")
+    data = DataConfig(sources=[DataSourceConfig(path=str(tmp_path))], block_size=8)
+    with pytest.raises(DataError, match="bad.txt:2: not valid UTF-8"):
+        _run(data, "pretrain", minimind_tokenizer, tmp_path / "set",
+             {str(tmp_path): [str(tmp_path / "bad.txt"), str(tmp_path / "ok.txt")]})
