@@ -20,7 +20,7 @@ from orchestrator.data.formats import load_examples
 from orchestrator.data.preference import as_pairs, as_unpaired, encode_pairs, encode_unpaired, load_preference_records
 from orchestrator.data.pretrain import pack_documents
 from orchestrator.data.replay import mix_replay_examples, pack_with_replay
-from orchestrator.data.sft import IGNORE_INDEX, tokenize_conversations
+from orchestrator.data.sft import IGNORE_INDEX, report_straddling, tokenize_conversations
 from orchestrator.data.templates import select_template
 from orchestrator.errors import DataError
 
@@ -116,11 +116,14 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
         eval_conv, _ = load_examples(data.eval_sources, "conversations", data.bad_records, seed=data.shuffle_seed)
     else:
         train_conv, eval_conv = split_eval(conversations, data.eval_split, data.shuffle_seed)
-    train, dropped = tokenize_conversations(train_conv, tokenizer, template, data.max_length, data.train_on)
+    straddling: list[str] = []  # examples whose template and tokenizer disagree at a boundary: one warning
+    train, dropped = tokenize_conversations(train_conv, tokenizer, template, data.max_length, data.train_on,
+                                            straddling)
     if not train:
         raise DataError("no stage-2 example has a trainable token after truncation; raise data.max_length")
     train, replay = mix_replay_examples(train, data, tokenizer, template)
-    evals, _ = tokenize_conversations(eval_conv, tokenizer, template, data.max_length, data.train_on)
+    evals, _ = tokenize_conversations(eval_conv, tokenizer, template, data.max_length, data.train_on, straddling)
+    report_straddling(straddling, len(train_conv) + len(eval_conv))
     lengths = np.array([len(e.input_ids) for e in train])
     stats = {
         "records": report.records,
@@ -130,6 +133,7 @@ def prepare_sft(data: DataConfig, tokenizer: Any) -> PreparedData:
         "train_examples": len(train),
         "eval_examples": len(evals),
         "dropped_untrainable": dropped,
+        "boundary_straddling": len(straddling),
         "train_tokens": int(lengths.sum()),
         "trainable_tokens": int(sum(int((e.labels != IGNORE_INDEX).sum()) for e in train)),
         "mean_length": float(lengths.mean()),

@@ -3,12 +3,16 @@
 Only answer text is trained on; keeping turns apart lets stage 2 mask prompts and truncate
 whole turns. Built-in templates: `alpaca` and `chatml`; `tokenizer` renders with the tokenizer's
 own Jinja chat template and recovers the turn boundaries by rendering growing prefixes.
+
+`encode_text` is the one rule for turning rendered text into ids, and `encode_prompt` the one way a
+chat becomes the ids a model continues: serving, evaluation and `orchestrator generate` use them, and
+stage 2 trains on ids whose prompts are exactly these (see `orchestrator.data.sft`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from orchestrator.data.formats import Conversation
 from orchestrator.errors import ConfigError, DataError
@@ -159,3 +163,35 @@ def prompt_for_generation(template: ChatTemplate, messages: list[tuple[str, str]
                                 "request")
     rendered = template.render(conversation)
     return rendered.prefix + "".join(p + a for p, a in rendered.turns[:-1]) + rendered.turns[-1][0]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered text. No special tokens are added: a template renders its own (BOS included)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def encode_prompt(tokenizer: Any, template: ChatTemplate, messages: list[tuple[str, str]]) -> list[int]:
+    """The ids a model continues for a chat ending in a user message: the prompt stage 2 trained after."""
+    return encode_text(tokenizer, prompt_for_generation(template, messages))
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    if len(b) <= len(a) and list(a[: len(b)]) == list(b):
+        return len(b)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_continuation(tokenizer: Any, prompt: str, prompt_ids: list[int],
+                       continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of `prompt + continuation` tokenized as one text, split where it stops
+    agreeing with `prompt_ids` (= encode_text(prompt)); tokenized alone, a SentencePiece continuation would
+    start with a lone '▁'."""
+    whole = encode_text(tokenizer, prompt + continuation)
+    shared = common_prefix_length(whole, prompt_ids)
+    return whole[:shared], whole[shared:]

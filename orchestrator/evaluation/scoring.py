@@ -18,6 +18,7 @@ import torch
 
 from orchestrator.config import EvalGenerationConfig
 from orchestrator.data.pretrain import encode_texts
+from orchestrator.data.templates import encode_prompt, encode_text, split_continuation
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation.tasks import GENERATE, LOGLIK, NLL
 from orchestrator.serve.engine import AdapterEngine, HFEngine
@@ -59,9 +60,12 @@ class ModelScorer:
         return cls(AdapterEngine(base, model_dir), settings)
 
     # -- prompts
+    def _prompt(self, messages: Sequence[Sequence[str]]) -> str:
+        return self.engine.chat_prompt([(role, content) for role, content in messages])
+
     def _prompt_ids(self, messages: Sequence[Sequence[str]]) -> list[int]:
-        text = self.engine.chat_prompt([(role, content) for role, content in messages])
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The chat's prompt ids, as serving builds them (and stage 2 trained after)."""
+        return encode_prompt(self.tokenizer, self.engine.template, [(role, content) for role, content in messages])
 
     # -- generation
     def generate(self, message_lists: Sequence[Sequence[Sequence[str]]]) -> list[dict[str, Any]]:
@@ -109,10 +113,12 @@ class ModelScorer:
 
     def loglikelihoods(self, messages: Sequence[Sequence[str]], continuations: Sequence[str]) -> dict[str, Any]:
         """Summed log-likelihood (and token count) of each continuation after the chat prompt."""
-        context = self._prompt_ids(messages)
+        prompt = self._prompt(messages)
+        prompt_ids = encode_text(self.tokenizer, prompt)  # = self._prompt_ids(messages), rendered once
         sequences, spans, truncated = [], [], False
         for text in continuations:
-            cont = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            # prompt + option as one text, as the model would see the answer written after the prompt
+            context, cont = split_continuation(self.tokenizer, prompt, prompt_ids, text)
             if not cont:
                 raise DataError(f"option {text!r} has no tokens")
             room = self.context_length - len(cont)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from orchestrator import storage
-from orchestrator.data.templates import select_template
+from orchestrator.data.templates import encode_text, prompt_for_generation, select_template
 from orchestrator.model.embeddings import check_tokenizer_fits
 from orchestrator.model.export import adapter_base
 from orchestrator.model.loading import load_tokenizer
@@ -35,18 +35,20 @@ def load_for_generation(model_dir: str) -> tuple[Any, Any]:
 
 def format_prompt(tokenizer: Any, prompt: str, chat: bool = True, template: str = "auto",
                   system: Optional[str] = None) -> str:
-    """The text the model sees: the chat template's generation prompt, or the raw prompt (chat=False)."""
+    """The text the model sees: the prompt stage 2 trained after (as serving builds it), or the raw prompt
+    (chat=False)."""
     if not chat:
         return prompt
-    return select_template(template, tokenizer).generation_prompt(prompt, system)
+    messages = ([("system", system)] if system else []) + [("user", prompt)]
+    return prompt_for_generation(select_template(template, tokenizer), messages)
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, chat: bool = True,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   repetition_penalty: float = 1.0, template: str = "auto") -> str:
     """Completion of `prompt` (only the new text)."""
-    text = format_prompt(tokenizer, prompt, chat, template)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = encode_text(tokenizer, format_prompt(tokenizer, prompt, chat, template))
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     with torch.no_grad():
         output = model.generate(
             **inputs,

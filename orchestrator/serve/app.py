@@ -107,8 +107,9 @@ class ModelServer:
         return await self._adapter(name) if name else self.engine
 
     def _prompt_ids(self, engine: Any, request: LLMRequest) -> list[int]:
-        text = request.prompt if isinstance(request, CompletionRequest) else engine.chat_prompt(list(request.messages))
-        return engine.encode(text, request.params)
+        if isinstance(request, CompletionRequest):
+            return engine.encode(request.prompt, request.params)
+        return engine.encode_chat(list(request.messages), request.params)
 
     async def _events(self, engine: Any, ids: list[int], params: GenerationParams) -> AsyncIterator[Any]:
         """Token ids from the engine's decode loop, then its Completion (an exception is raised)."""

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from orchestrator.data.templates import prompt_for_generation, select_template
+from orchestrator.data.templates import encode_prompt, encode_text, prompt_for_generation, select_template
 from orchestrator.serve.continuous import ContinuousBatcher
 from orchestrator.serve.protocol import GenerationParams, check_context, cut_at_stop, stop_prefix_hold
 
@@ -57,8 +57,14 @@ class HFEngine:
         return prompt_for_generation(self.template, messages)
 
     def encode(self, text: str, params: GenerationParams) -> list[int]:
-        """Prompt token ids; 400 if prompt + max_tokens exceed the context."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Prompt token ids of a raw completion prompt; 400 if prompt + max_tokens exceed the context."""
+        ids = encode_text(self.tokenizer, text)
+        check_context(len(ids), params, self.context_length)
+        return ids
+
+    def encode_chat(self, messages: list[tuple[str, str]], params: GenerationParams) -> list[int]:
+        """Prompt token ids of a chat, built as stage 2 trained them (`encode_prompt`); 400 when too long."""
+        ids = encode_prompt(self.tokenizer, self.template, messages)
         check_context(len(ids), params, self.context_length)
         return ids
 
