@@ -341,8 +341,19 @@ def load_examples(
     if report.skipped and bad_records == "error":
         raise DataValidationError(report.errors, report.skipped)
     if not examples:
-        raise DataError("no usable records in " + ", ".join(s.path for s in sources))
+        raise DataError("no usable records in " + ", ".join(s.path for s in sources) + _why_empty(report))
     return examples, report
+
+
+def _why_empty(report: LoadReport) -> str:
+    """The bad records behind an empty result (bad_records=skip dropped them all), or the filtered count."""
+    if report.skipped:
+        listed = "".join(f"\n  - {e}" for e in report.errors)
+        more = f"\n  ... and {report.skipped - len(report.errors)} more" if report.skipped > len(report.errors) else ""
+        return f": all {report.skipped} bad record(s) were skipped (data.bad_records=skip):{listed}{more}"
+    if report.filtered:
+        return f": the transform skipped all {report.filtered} record(s)"
+    return ""
 
 
 def _apply_weight(items: list, weight: float, rng: random.Random) -> Iterator:

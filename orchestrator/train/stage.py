@@ -83,7 +83,7 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
         tokenizer = load_tokenizer(storage.download_dir(config.tokenizer.path, tempfile.mkdtemp(prefix="tok-")))
     else:
         training = config.tokenizer.train
-        texts = [d.text for d in _all_documents(config)][: training.max_documents]
+        texts = [d.text for d in documents_for_tokenizer(config)][: training.max_documents]
         log.info("training a %d-token BPE tokenizer on %d documents", training.vocab_size, len(texts))
         tokenizer = train_bpe_tokenizer(texts, training.vocab_size)
     seed = (config.pretrain or config.sft or config.preference).train.seed
@@ -97,14 +97,18 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
     return base_uri, None
 
 
-def _all_documents(config: PipelineConfig) -> list:
+def documents_for_tokenizer(config: PipelineConfig) -> list:
+    """The documents `tokenizer.train` learns from: every stage's sources (conversations flattened), validated
+    first under the stage's `data.bad_records` policy, so bad records are listed with file:line as they would
+    be when the stage prepares its data, not dropped before anyone sees them."""
     documents = []
     for name in ("pretrain", "sft", "preference"):
         stage = getattr(config, name)
         if name == "preference":
             continue  # preference records are not documents
         if stage is not None and stage.data.sources:
-            docs, _ = load_examples(stage.data.sources, "documents", "skip", True, stage.data.shuffle_seed)
+            docs, _ = load_examples(stage.data.sources, "documents", stage.data.bad_records, True,
+                                    stage.data.shuffle_seed)
             documents.extend(docs)
     return documents
 
