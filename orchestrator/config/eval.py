@@ -5,10 +5,16 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.config.base import Section
-from orchestrator.config.data import DataSourceConfig
+from orchestrator.config.data import DataSourceConfig, RecordShape, template_keys
+
+
+def _template_names_a_key(value: Optional[str]) -> Optional[str]:
+    if value is not None and not template_keys(value):
+        raise ValueError(f"{value!r} names no record key; write e.g. \"{{question}}\"")
+    return value
 from orchestrator.config.serve import GenerationDefaults
 
 
@@ -20,8 +26,9 @@ class EvalGenerationConfig(GenerationDefaults):
     seed: Optional[int] = Field(0, description="Seed set before each generation batch (do_sample only).")
 
 
-class QASetConfig(Section):
-    """A question/answer set scored on generated answers (character F1, ROUGE-L, exact match)."""
+class QASetConfig(RecordShape):
+    """A question/answer set scored on generated answers (character F1, ROUGE-L, exact match). The shape keys
+    (records, keyed_by, unwrap, transform) are those of a training source."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report.")
     path: str = Field(..., description="File, directory, glob or URI (JSON, JSONL or Parquet).")
@@ -36,15 +43,32 @@ class QASetConfig(Section):
         description="Map canonical field names to the names in your records, e.g. {question: 问, answer: 答}. "
         "Canonical names: question, answer, description, qa_pairs, and those of the training formats.",
     )
+    prompt_template: Optional[str] = Field(
+        None, description="The question built from record keys, e.g. \"{QUESTION}\\n\\nContext: {CONTEXTS}\" "
+        "(lists are joined with newlines); the record is then read as {question, answer}.",
+    )
+    response_template: Optional[str] = Field(None, description="The reference answer built from record keys, "
+                                             "e.g. \"{final_decision}\".")
+    system_template: Optional[str] = Field(None, description="A system message built from record keys.")
     max_records: Optional[int] = Field(None, gt=0, description="Evaluate at most this many questions (first N).")
 
+    @field_validator("prompt_template", "response_template", "system_template")
+    @classmethod
+    def _template_parses(cls, value: Optional[str]) -> Optional[str]:
+        return _template_names_a_key(value)
 
-class MultipleChoiceSetConfig(Section):
-    """A multiple-choice set scored by the log-likelihood of each option (the highest one is the model's pick)."""
+
+class MultipleChoiceSetConfig(RecordShape):
+    """A multiple-choice set scored by the log-likelihood of each option (the highest one is the model's pick).
+    The shape keys (records, keyed_by, unwrap, transform) are those of a training source."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name in the report.")
     path: str = Field(..., description="CSV, JSON or JSONL file, directory, glob or URI.")
     question_field: str = Field("question", description="Column holding the question.")
+    prompt_template: Optional[str] = Field(
+        None, description="Instead of question_field: the question built from record keys, e.g. "
+        "\"{context}\\n{question}\".",
+    )
     option_fields: list[str] = Field(
         default_factory=lambda: ["A", "B", "C", "D"],
         description="Columns holding the options, in order; they are labelled A, B, C, ... in that order.",
@@ -63,6 +87,11 @@ class MultipleChoiceSetConfig(Section):
         None, description="A line put before every question, e.g. '以下是单项选择题，请直接给出正确答案的选项。'"
     )
     max_records: Optional[int] = Field(None, gt=0, description="Evaluate at most this many questions (first N).")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_parses(cls, value: Optional[str]) -> Optional[str]:
+        return _template_names_a_key(value)
 
     @model_validator(mode="after")
     def _enough_options(self) -> "MultipleChoiceSetConfig":

@@ -7,9 +7,10 @@ Document / Conversation), driven by a source's shape keys (`orchestrator.config.
   document itself / its only list).
 * `resolve_dataset`: a source naming a LLaMA-Factory `dataset_info.json` entry → the plain source it
   describes (file, format, fields, tags).
-* `shape_record`: one raw record → a `ShapedRecord` (one-item lists unwrapped, the id key added,
-  prefixed-string turns split, templates rendered, or a user `transform` applied), or None when a
-  transform skips it.
+* `shape_value`: one raw record unwrapped, its id added, through a user `transform` (training sources
+  and evaluation sets alike).
+* `shape_record`: one raw record → a `ShapedRecord` (`shape_value`, then prefixed-string turns split
+  and templates rendered), or None when a transform skips it.
 
 Every mistake raises `RecordError` (origin, the key expected, what was found) or, for a whole file,
 `DataError` naming the file and the key path.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from orchestrator import storage
-from orchestrator.config import DataSourceConfig, PrefixedTurnsConfig, RoleTagsConfig, template_keys
+from orchestrator.config import DataSourceConfig, PrefixedTurnsConfig, RecordShape, RoleTagsConfig, template_keys
 from orchestrator.errors import DataError, RecordError
 
 DATASET_INFO = "dataset_info.json"
@@ -213,15 +214,26 @@ def _tags(tags: Optional[dict], where: str) -> Optional[RoleTagsConfig]:
 # ----------------------------------------------------------------------------- one record
 
 
-def shape_record(raw: RawRecord, source: DataSourceConfig) -> Optional[ShapedRecord]:
-    """One raw record → the record the converters read (None: the source's transform skipped it)."""
+def shape_value(raw: RawRecord, shape: RecordShape) -> Any:
+    """A raw record unwrapped, with its id added (keyed_by) and through the transform: what the readers of
+    records (training converters, evaluation sets) see; None when the transform skipped it."""
     if raw.error is not None:
         raise raw.error
-    value = _unwrap(raw.value, raw.origin) if source.unwrap else raw.value
-    if source.keyed_by is not None and raw.key is not None:
-        value = _with_key(value, raw.key, source.keyed_by, raw.origin)
+    value = _unwrap(raw.value, raw.origin) if shape.unwrap else raw.value
+    if shape.keyed_by is not None and raw.key is not None:
+        value = _with_key(value, raw.key, shape.keyed_by, raw.origin)
+    if shape.transform is not None:
+        return _transformed(value, raw.origin, shape.transform)
+    return value
+
+
+def shape_record(raw: RawRecord, source: DataSourceConfig) -> Optional[ShapedRecord]:
+    """One raw record → the record the converters read (None: the source's transform skipped it)."""
+    value = shape_value(raw, source)
+    if value is None:
+        return None
     if source.transform is not None:
-        return _transformed(value, raw.origin, source.transform)
+        return ShapedRecord(value, raw.origin)
     if not isinstance(value, dict):
         return ShapedRecord(value, raw.origin, dict(source.fields), source.tags)
     record, fields = dict(value), dict(source.fields)
@@ -263,7 +275,7 @@ def load_transform(spec: str) -> Callable[[Any], Any]:
     return function
 
 
-def _transformed(value: Any, origin: str, spec: str) -> Optional[ShapedRecord]:
+def _transformed(value: Any, origin: str, spec: str) -> Any:
     function = load_transform(spec)
     try:
         result = function(value)
@@ -275,7 +287,7 @@ def _transformed(value: Any, origin: str, spec: str) -> Optional[ShapedRecord]:
     if not isinstance(result, (dict, str)):
         raise RecordError(origin, "(transform)", f"{spec} to return a dict with canonical field names, a string or "
                           "None", type(result).__name__)
-    return ShapedRecord(result, origin)
+    return result
 
 
 # -- prefixed turns

@@ -9,8 +9,10 @@
 * `Probe`: a question the model should decline (honesty).
 * held-out `Document`s for perplexity, read like stage 1's documents.
 
-A bad record stops the evaluation before any model is loaded, with `file:line: field ...: expected ...`
-for every bad record found.
+Sets take the shape keys of a training source (records, keyed_by, unwrap, transform; templates for
+the question, answer and system message), e.g. a PubMedQA-style file keyed by id. A bad record stops
+the evaluation before any model is loaded, with `file:line: field ...: expected ...` for every bad
+record found.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from orchestrator.data.formats import CONVERTERS, Document, detect_format, load_
 from orchestrator.data.prepare import split_eval
 from orchestrator.data.preference import PreferencePair, load_preference_records
 from orchestrator.data.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, RawRecord, read_file
+from orchestrator.data.shapes import render_template, shape_value
 from orchestrator.errors import ConfigError, DataError, RecordError
 
 MAX_ERRORS_LISTED = 10
@@ -107,13 +110,14 @@ class _Errors:
             raise DataError(f"{self.total} bad record(s) in {what}:\n{listed}{more}")
 
 
-def _records(path: str, suffixes: tuple[str, ...]) -> Iterator[RawRecord]:
-    """Raw records of every file a path matches: JSON/JSONL/Parquet through the data readers, CSV here."""
-    for uri in storage.expand(path, suffixes):
+def _records(config: QASetConfig | MultipleChoiceSetConfig, suffixes: tuple[str, ...]) -> Iterator[RawRecord]:
+    """Raw records of every file a set's path matches: JSON/JSONL/Parquet through the data readers (located by
+    the set's records/keyed_by), CSV here."""
+    for uri in storage.expand(config.path, suffixes):
         if uri.lower().endswith(CSV_SUFFIXES):
             yield from _read_csv(uri)
         else:
-            yield from read_file(uri)
+            yield from read_file(uri, records=config.records, keyed_by=config.keyed_by)
 
 
 def _read_csv(uri: str) -> Iterator[RawRecord]:
@@ -149,18 +153,43 @@ def _object(raw: RawRecord) -> dict:
     return raw.value
 
 
+def _shaped_object(raw: RawRecord, config: QASetConfig | MultipleChoiceSetConfig) -> dict | None:
+    """The record after the set's shape (unwrap, keyed_by, transform); None when the transform skipped it."""
+    value = shape_value(raw, config)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RecordError(raw.origin, "(record)", "a JSON object", value)
+    return value
+
+
+TEMPLATE_FIELDS = {"prompt_template": "question", "response_template": "answer", "system_template": "system"}
+
+
+def _with_templates(record: dict, config: QASetConfig, origin: str) -> tuple[dict, dict[str, str]]:
+    """The record with the set's templates rendered under '(<name>)' keys, and the fields pointing at them."""
+    fields = dict(config.fields)
+    rendered = {}
+    for name, canonical in TEMPLATE_FIELDS.items():
+        template = getattr(config, name)
+        if template is not None:
+            rendered[f"({name})"] = render_template(template, record, name, origin)
+            fields[canonical] = f"({name})"
+    return ({**record, **rendered} if rendered else record), fields
+
+
 # ----------------------------------------------------------------------------- QA
 
 
-def _qa_format(record: dict, config: QASetConfig, origin: str) -> str:
+def _qa_format(record: dict, config: QASetConfig, fields: dict[str, str], origin: str) -> str:
     if config.format != "auto":
         return config.format
-    name = config.fields.get
+    name = fields.get
     if name("qa_pairs", "QA_pairs") in record and name("description", "description") in record:
         return "clinical_cases"
     if name("question", "question") in record and name("answer", "answer") in record:
         return "qa"
-    detected = detect_format(record, config.fields)
+    detected = detect_format(record, fields)
     if detected in CONVERTERS:
         return detected
     raise RecordError(
@@ -170,13 +199,18 @@ def _qa_format(record: dict, config: QASetConfig, origin: str) -> str:
 
 
 def _qa_items(raw: RawRecord, config: QASetConfig) -> list[tuple[tuple[tuple[str, str], ...], str, str]]:
-    """(messages, reference, origin) of every question in one record."""
-    record = _object(raw)
-    name = config.fields.get
-    fmt = _qa_format(record, config, raw.origin)
+    """(messages, reference, origin) of every question in one record (none when a transform skipped it)."""
+    shaped = _shaped_object(raw, config)
+    if shaped is None:
+        return []
+    record, fields = _with_templates(shaped, config, raw.origin)
+    name = fields.get
+    fmt = _qa_format(record, config, fields, raw.origin)
     if fmt == "qa":
         question = _text(record, name("question", "question"), raw.origin)
-        return [((("user", question),), _text(record, name("answer", "answer"), raw.origin), raw.origin)]
+        system = record.get(name("system", "system"))
+        messages = ((("system", system),) if isinstance(system, str) and system.strip() else ()) + (("user", question),)
+        return [(messages, _text(record, name("answer", "answer"), raw.origin), raw.origin)]
     if fmt == "clinical_cases":
         description = _text(record, name("description", "description"), raw.origin)
         pairs_key = name("qa_pairs", "QA_pairs")
@@ -192,7 +226,7 @@ def _qa_items(raw: RawRecord, config: QASetConfig) -> list[tuple[tuple[tuple[str
             items.append(((("user", f"{description}\n\n{question}"),), _text(pair, name("answer", "answer"), origin),
                           origin))
         return items
-    conversation = CONVERTERS[fmt](record, raw.origin, config.fields)
+    conversation = CONVERTERS[fmt](record, raw.origin, fields)
     messages = tuple((m.role, m.content) for m in conversation.messages)
     return [(messages[:-1], messages[-1][1], raw.origin)]
 
@@ -201,7 +235,7 @@ def load_qa_set(config: QASetConfig) -> list[QAItem]:
     """Every question of a QA set (at most `max_records`), validated."""
     items: list[QAItem] = []
     errors = _Errors()
-    for raw in _records(config.path, JSON_SUFFIXES + PARQUET_SUFFIXES):
+    for raw in _records(config, JSON_SUFFIXES + PARQUET_SUFFIXES):
         try:
             found = _qa_items(raw, config)
         except RecordError as err:
@@ -238,9 +272,15 @@ def _options(record: dict, config: MultipleChoiceSetConfig, origin: str) -> tupl
     raise RecordError(origin, key, "a list of at least two options or a {label: option} mapping", value)
 
 
-def _choice_item(raw: RawRecord, config: MultipleChoiceSetConfig, index: int) -> ChoiceItem:
-    record = _object(raw)
-    question = _text(record, config.question_field, raw.origin)
+def _choice_item(raw: RawRecord, config: MultipleChoiceSetConfig, index: int) -> ChoiceItem | None:
+    record = _shaped_object(raw, config)
+    if record is None:
+        return None
+    if config.prompt_template is not None:
+        question = _text({"(prompt_template)": render_template(config.prompt_template, record, "prompt_template",
+                                                               raw.origin)}, "(prompt_template)", raw.origin)
+    else:
+        question = _text(record, config.question_field, raw.origin)
     options = _options(record, config, raw.origin)
     labels = [label for label, _ in options]
     answer = _text(record, config.answer_field, raw.origin).upper()
@@ -253,12 +293,15 @@ def load_choice_set(config: MultipleChoiceSetConfig) -> list[ChoiceItem]:
     """Every question of a multiple-choice set (at most `max_records`), validated."""
     items: list[ChoiceItem] = []
     errors = _Errors()
-    for raw in _records(config.path, CSV_SUFFIXES + JSON_SUFFIXES):
+    for raw in _records(config, CSV_SUFFIXES + JSON_SUFFIXES):
         try:
-            items.append(_choice_item(raw, config, len(items)))
+            item = _choice_item(raw, config, len(items))
         except RecordError as err:
             errors.add(err)
             continue
+        if item is None:
+            continue
+        items.append(item)
         if config.max_records is not None and len(items) >= config.max_records:
             break
     errors.raise_any(f"multiple-choice set '{config.name}'")

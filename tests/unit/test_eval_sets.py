@@ -161,3 +161,44 @@ def test_eval_config_errors_name_the_key():
         _config({"generation": {"temperature": 3}})
     with pytest.raises(ConfigError, match=r"eval\.honesty: .*no probes"):
         _config({"honesty": {}})
+
+
+# --- shape declarations (as for training sources) --------------------------------------------
+
+
+def test_qa_set_keyed_by_id_with_templates(tmp_path):
+    path = tmp_path / "pubmedqa.json"
+    path.write_text(json.dumps({
+        "21645374": {"QUESTION": "Do statins help?", "CONTEXTS": ["Trial A found…", "Trial B found…"],
+                     "final_decision": "yes"},
+        "16418930": {"QUESTION": "Is it safe?", "CONTEXTS": ["Cohort C…"], "final_decision": "no"},
+    }), encoding="utf-8")
+    items = load_qa_set(QASetConfig(name="pubmedqa", path=str(path), keyed_by="pmid",
+                                    prompt_template="{QUESTION}\n\nContext:\n{CONTEXTS}", response_template="{final_decision}",
+                                    system_template="Answer yes, no or maybe (PMID {pmid})."))
+    assert [(i.messages, i.reference, i.origin) for i in items] == [
+        ((("system", "Answer yes, no or maybe (PMID 21645374)."),
+          ("user", "Do statins help?\n\nContext:\nTrial A found…\nTrial B found…")), "yes", f"{path}#21645374"),
+        ((("system", "Answer yes, no or maybe (PMID 16418930)."), ("user", "Is it safe?\n\nContext:\nCohort C…")),
+         "no", f"{path}#16418930"),
+    ]
+
+
+def test_qa_set_template_errors_name_the_record_and_key(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps({"data": [[{"q": "Q1", "a": "A1"}], [{"a": "A2"}]]}), encoding="utf-8")
+    config = QASetConfig(name="wrapped", path=str(path), records="data", unwrap=True, prompt_template="{q}",
+                         response_template="{a}")
+    with pytest.raises(DataError) as err:
+        load_qa_set(config)
+    assert str(err.value).splitlines()[1] == (
+        f"  - {path}#1: field 'q': expected a field for {{q}} in prompt_template (field is missing)")
+
+
+def test_choice_set_csv_with_option_columns_and_a_question_template(tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text("case,ask,A,B,C,key\n患者发热三天,最可能的诊断？,感冒,骨折,近视,a\n", encoding="utf-8")
+    (item,) = load_choice_set(MultipleChoiceSetConfig(name="mc", path=str(path), prompt_template="{case}。{ask}",
+                                                      option_fields=["A", "B", "C"], answer_field="key"))
+    assert (item.question, item.options, item.answer, item.origin) == (
+        "患者发热三天。最可能的诊断？", (("A", "感冒"), ("B", "骨折"), ("C", "近视")), "A", f"{path}:2")
