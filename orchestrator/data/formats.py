@@ -205,7 +205,11 @@ def sharegpt_to_conversation(record: Any, origin: str, mapping: dict[str, str],
                               f"{expected} message (turns must alternate)", turn.get(_role_key(turn, tags)))
         messages.append(Message(role, value))
     if not messages or messages[-1].role != "assistant":
-        raise RecordError(origin, key, "a conversation ending with an assistant (gpt) message")
+        hint = ""
+        if record.get(fields.name("chosen")) is not None:
+            hint = (f" (a preference record: its answers are in '{fields.name('chosen')}'/'{fields.name('rejected')}';"
+                    " train it in a preference stage, or append the chosen answer with a transform)")
+        raise RecordError(origin, key, "a conversation ending with an assistant (gpt) message" + hint)
     return Conversation(tuple(messages), origin)
 
 

@@ -146,8 +146,11 @@ def resolve_dataset(source: DataSourceConfig) -> DataSourceConfig:
     if formatting not in ("alpaca", "sharegpt"):
         raise DataError(f"{where}: formatting {formatting!r} is not supported; expected alpaca or sharegpt")
     base = info_uri.rsplit("/", 1)[0] if "/" in info_uri else "."
+    file_name = str(entry["file_name"])
+    # as LLaMA-Factory's os.path.join(dataset_dir, file_name): an absolute path or a URI is used as is
+    data_uri = file_name if file_name.startswith("/") or "://" in file_name else storage.join(base, file_name)
     update = {
-        "path": storage.join(base, str(entry["file_name"])),
+        "path": data_uri,
         "dataset": None,
         "format": formatting,
         "fields": _columns(entry.get("columns") or {}, formatting, where),
@@ -280,8 +283,9 @@ def _transformed(value: Any, origin: str, spec: str) -> Any:
     try:
         result = function(value)
     except Exception as exc:  # the user's function failing on one record is that record's error
-        raise RecordError(origin, "(transform)", f"{spec} to return a canonical record",
-                          f"{type(exc).__name__}: {exc}") from None
+        hint = " (each record is a one-item list: set unwrap: true?)" if isinstance(value, list) and len(value) == 1 else ""
+        raise RecordError(origin, "(transform)", f"{spec} to return a canonical record; it raised "
+                          f"{type(exc).__name__}: {str(exc)[:200]}{hint}") from None
     if result is None:
         return None
     if not isinstance(result, (dict, str)):
@@ -385,7 +389,8 @@ def _template_value(record: dict, key: str, name: str, origin: str) -> str:
     node: Any = record
     for part in key.split("."):
         if not isinstance(node, dict) or node.get(part) is None:
-            raise RecordError(origin, key, f"a field for {{{key}}} in {name} (field is missing)")
+            there = f"; the record has {', '.join(map(str, list(node)[:12]))}" if isinstance(node, dict) else ""
+            raise RecordError(origin, key, f"a field for {{{key}}} in {name} (field is missing{there})")
         node = node[part]
     if isinstance(node, str):
         return node

@@ -192,7 +192,7 @@ def test_qa_set_template_errors_name_the_record_and_key(tmp_path):
     with pytest.raises(DataError) as err:
         load_qa_set(config)
     assert str(err.value).splitlines()[1] == (
-        f"  - {path}#1: field 'q': expected a field for {{q}} in prompt_template (field is missing)")
+        f"  - {path}#1: field 'q': expected a field for {{q}} in prompt_template (field is missing; the record has a)")
 
 
 def test_choice_set_csv_with_option_columns_and_a_question_template(tmp_path):

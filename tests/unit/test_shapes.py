@@ -186,7 +186,8 @@ def test_template_errors_name_the_key(tmp_path):
     with pytest.raises(DataValidationError) as info:
         _load(path=str(path), prompt_template="{question}\n\nContext: {context}", response_template="{answer}")
     first, second = info.value.errors
-    assert str(first) == f"{path}:1: field 'context': expected a field for {{context}} in prompt_template (field is missing)"
+    assert str(first) == (f"{path}:1: field 'context': expected a field for {{context}} in prompt_template (field is "
+                          "missing; the record has question, answer)")
     assert str(second) == f"{path}:2: field 'context': expected a string, number or list of strings for {{context}} in prompt_template, got {{'a': 1}}"
 
 
@@ -269,12 +270,20 @@ def test_transform_errors_are_reported_per_record(tmp_path, transform_module):
     with pytest.raises(DataValidationError) as info:
         _load(path=str(path), transform=f"{transform_module}:qa")
     assert [str(e) for e in info.value.errors] == [
-        f"{path}:2: field '(transform)': expected {transform_module}:qa to return a canonical record, got \"KeyError: 'q'\"",
+        f"{path}:2: field '(transform)': expected {transform_module}:qa to return a canonical record; it raised "
+        "KeyError: 'q'",
         f"{path}:3: field 'output': expected a non-empty string, got ''",
     ]
     assert str(_first_error(path=str(path), transform=f"{transform_module}:broken")) == (
         f"{path}:1: field '(transform)': expected {transform_module}:broken to return a dict with canonical field "
         "names, a string or None, got 'int'")
+
+
+def test_transform_failing_on_a_wrapped_record_suggests_unwrap(tmp_path, transform_module):
+    path = _write(tmp_path / "wrapped.json", [[{"q": "Q", "a": "A"}]])
+    assert str(_first_error(path=str(path), transform=f"{transform_module}:qa")).endswith(
+        "it raised AttributeError: 'list' object has no attribute 'get' (each record is a one-item list: set unwrap: true?)")
+    assert _load(path=str(path), transform=f"{transform_module}:qa", unwrap=True)[0].messages[1].content == "A"
 
 
 def test_transform_that_cannot_be_imported(tmp_path):
@@ -379,3 +388,17 @@ def test_the_registry_and_the_transform_module_are_recorded_with_the_files_read(
     path = _jsonl(tmp_path / "odd.jsonl", [{"q": "Q", "a": "A"}])
     _, report = load_examples([DataSourceConfig(path=str(path), transform=f"{transform_module}:qa")], "conversations")
     assert sorted(report.files) == sorted([str(path), str(tmp_path / "shape_transforms_for_test.py")])
+
+
+def test_dataset_info_absolute_file_name_and_a_ranking_entry_used_for_sft(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    data = _jsonl(tmp_path / "elsewhere" / "pref.jsonl", [
+        {"conversations": [{"from": "human", "value": "Q"}], "chosen": "good", "rejected": "bad"}])
+    info = _write(tmp_path / "dataset_info.json", {"pref": {"file_name": str(data), "formatting": "sharegpt",
+                                                            "ranking": True, "columns": {"messages": "conversations",
+                                                                                        "chosen": "chosen", "rejected": "rejected"}}})
+    assert resolve_dataset(DataSourceConfig(path=str(info), dataset="pref")).path == str(data)
+    assert str(_first_error(path=str(info), dataset="pref")) == (
+        f"{data}:1: field 'conversations': expected a conversation ending with an assistant (gpt) message (a preference "
+        "record: its answers are in 'chosen'/'rejected'; train it in a preference stage, or append the chosen answer "
+        "with a transform)")
