@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ SMALL = ["pretrain.train.epochs=1", "sft.train.epochs=1", "distributed.zero_stag
 
 def run_cli(tmp_path: Path, *argv: str) -> tuple[str, Path]:
     storage = tmp_path / "runs"
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "PYTHONPATH": str(REPO_ROOT)}
+    # Its own Ray temp dir, short: Ray's socket paths must stay under 108 bytes.
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-cli-", dir="/tmp"), "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
-    (tmp_path / "ray").mkdir()
     done = subprocess.run([sys.executable, "-m", "orchestrator", *argv, "--config", "configs/tiny.yaml",
                            f"checkpoint.storage_path={storage}", "run_name=cli", *SMALL],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
