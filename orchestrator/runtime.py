@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import socket
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from orchestrator import storage
-from orchestrator.config import CheckpointConfig, StorageConfig, s3_settings
+from orchestrator.config import CheckpointConfig, ModelTaskConfig, StorageConfig, s3_settings
 from orchestrator.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,3 +118,38 @@ def check_storage_outlives_job(checkpoint: CheckpointConfig) -> None:
     if not checkpoint.allow_job_working_dir:
         raise ConfigError(message + " (or set checkpoint.allow_job_working_dir=true to keep them there anyway)")
     log.warning("%s; kept there because checkpoint.allow_job_working_dir=true", message)
+
+
+def run_model_task(fn: Callable[..., Any], *args: Any, resources: ModelTaskConfig, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` as a Ray task with the declared resources, on whichever node has them.
+
+    For the heavy model work of a run (exports that merge LoRA into the base): the driver, often a
+    small head node, only waits. The task receives this process's storage settings explicitly.
+    """
+    import ray
+
+    task = ray.remote(_with_storage).options(
+        num_cpus=resources.num_cpus,
+        num_gpus=1 if resources.use_gpu else 0,
+        memory=int(resources.memory_gb * 1024**3) if resources.memory_gb else None,
+        resources=resources.resources or None,
+        max_retries=0,  # the work is not idempotent-cheap: a failure is reported, the stage is rerun
+    )
+    return ray.get(task.remote(storage.current_settings(), int(resources.num_cpus), fn, args, kwargs))
+
+
+def _with_storage(settings: storage.S3Settings, threads: int, fn: Callable[..., Any], args: tuple,
+                  kwargs: dict) -> Any:
+    import torch
+
+    storage.configure(settings)
+    torch.set_num_threads(max(1, threads))
+    return fn(*args, **kwargs)
+
+
+def where_this_runs() -> dict[str, Any]:
+    """This process's node and pid (recorded in lineage: which machine did the work)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node_id, "hostname": socket.gethostname(), "pid": os.getpid()}

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -294,22 +294,33 @@ def s3_object_identity(uri: str) -> tuple[int, str]:
 
 def list_files(uri: str) -> dict[str, int]:
     """Every file below a directory path or URI → size in bytes, keyed by relative path ({} if absent)."""
+    return {rel: size for rel, size, _ in _listing(uri)}
+
+
+def list_file_versions(uri: str) -> dict[str, str]:
+    """Every file below a path or URI → "size:version" (S3: the ETag; other stores: mtime), for cache keys."""
+    return {rel: f"{size}:{version}" for rel, size, version in _listing(uri)}
+
+
+def _listing(uri: str) -> Iterator[tuple[str, int, str]]:
+    """(relative path, size, version) of every file below a path or URI; nothing if absent."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         prefix = key + "/" if key else ""
-        found: dict[str, int] = {}
         paginator = _boto_client().get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):  # skip directory markers (pyarrow creates them)
-                        found[obj["Key"][len(prefix) :]] = obj["Size"]
+            pages = list(paginator.paginate(Bucket=bucket, Prefix=prefix))
         except Exception as exc:  # botocore raises several unrelated types; name the URI in one error
             raise StorageError(f"cannot list {uri}: {exc}") from exc
-        return found
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):  # skip directory markers (pyarrow creates them)
+                    yield obj["Key"][len(prefix) :], obj["Size"], obj.get("ETag", "").strip('"')
+        return
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            yield info.path[len(path) + 1 :], info.size, str(info.mtime_ns)
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

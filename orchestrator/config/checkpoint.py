@@ -45,10 +45,20 @@ class S3Config(Section):
     max_concurrency: int = Field(8, ge=1, description="Parallel transfers.")
 
 
+class NodeCacheConfig(Section):
+    """The node-local cache remote models, tokenizers and checkpoints are fetched into, once per node."""
+
+    dir: Optional[str] = Field(
+        None, description="Directory on each node (a local NVMe disk); default <tmp>/orchestrator-node-cache."
+    )
+    max_gb: float = Field(100.0, gt=0, description="Bound on the cache; least recently used entries go first.")
+
+
 class StorageConfig(Section):
     """How to reach remote storage used by any path of the config."""
 
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings.")
+    node_cache: NodeCacheConfig = Field(default_factory=NodeCacheConfig, description="Node-local download cache.")
 
 
 def s3_settings(storage_config: StorageConfig) -> S3Settings:

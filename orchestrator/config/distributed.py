@@ -9,6 +9,20 @@ from pydantic import Field
 from orchestrator.config.base import Section
 
 
+class ModelTaskConfig(Section):
+    """Resources of the model tasks (export with LoRA merge) Ray runs on the cluster, not in the driver."""
+
+    num_cpus: float = Field(1, gt=0, description="CPUs of the task (also its torch thread count).")
+    memory_gb: Optional[float] = Field(
+        None, gt=0, description="Memory Ray reserves for the task (the merged model's size in the load dtype, and "
+        "some); empty = no reservation."
+    )
+    use_gpu: bool = Field(False, description="Give the task a GPU (merges of big models run faster).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources, e.g. {worker: 0.01} to keep the task off the head."
+    )
+
+
 class DistributedConfig(Section):
     """How many workers, on what hardware, with which DeepSpeed ZeRO stage."""
 
@@ -34,3 +48,7 @@ class DistributedConfig(Section):
         "with every checkpoint.",
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train attempts (-1 = unlimited).")
+    model_tasks: ModelTaskConfig = Field(
+        default_factory=ModelTaskConfig, description="Where exports (LoRA merges) run: a Ray task with these "
+        "resources, so the driver (the head node) never holds the model."
+    )

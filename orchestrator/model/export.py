@@ -13,12 +13,13 @@ from typing import Any, Optional
 
 import torch
 
-from orchestrator import storage
-from orchestrator.config import MERGEABLE_METHODS, PROMPT_METHODS
+from orchestrator import node_cache, storage
+from orchestrator.config import MERGEABLE_METHODS, PROMPT_METHODS, NodeCacheConfig
 from orchestrator.errors import CheckpointError
 from orchestrator.model.loading import load_tokenizer
 from orchestrator.model.peft import merge_adapter
 from orchestrator.checkpoint import MODEL_DIR, check_stored_checkpoint
+from orchestrator.runtime import where_this_runs
 
 log = logging.getLogger(__name__)
 LINEAGE = "lineage.json"
@@ -36,13 +37,15 @@ def fetch_checkpoint_model(checkpoint_uri: str, local_dir: str) -> tuple[str, di
 
 
 def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri: str,
-                 dtype: torch.dtype = torch.float32, lineage: Optional[dict[str, Any]] = None) -> str:
+                 dtype: torch.dtype = torch.float32, lineage: Optional[dict[str, Any]] = None,
+                 cache: Optional[NodeCacheConfig] = None) -> str:
     """Write the stage's final model to `out_uri` so `AutoModelForCausalLM.from_pretrained` loads it.
 
     Full / freeze: the checkpoint's model directory as is. LoRA / AdaLoRA: base + adapter merged.
     prompt_tuning / p_tuning / prefix_tuning: the adapter, its `base_model_name_or_path` set to
     `base_model_uri` (load it with `load_for_generation`, or serve it through `serve.adapters`).
     `lineage` (base model, data digests, metrics, versions, ...) is saved beside it as lineage.json.
+    A remote base is read through the node cache (`cache`), where the stage's workers left it.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -53,7 +56,8 @@ def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri:
             shutil.copytree(model_dir, out_local)
             _point_adapter_at_base(out_local, base_model_uri)
         elif method in MERGEABLE_METHODS:
-            base_dir = storage.download_dir(base_model_uri, f"{tmp}/base")
+            cache = cache or NodeCacheConfig()
+            base_dir = node_cache.fetch(base_model_uri, cache.dir, cache.max_gb)
             merged = merge_adapter(base_dir, model_dir, dtype)
             tokenizer = load_tokenizer(model_dir)
             _set_generation_eos(merged.generation_config, tokenizer)
@@ -69,7 +73,7 @@ def export_model(checkpoint_uri: str, base_model_uri: str, method: str, out_uri:
             _set_generation_eos(generation, tokenizer)
             generation.save_pretrained(out_local)
         record = {"checkpoint": checkpoint_uri, "method": method, "base_model": base_model_uri,
-                  "trainer_state": manifest.get("trainer_state"), **(lineage or {})}
+                  "trainer_state": manifest.get("trainer_state"), "exported_on": where_this_runs(), **(lineage or {})}
         with open(f"{out_local}/{LINEAGE}", "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1, ensure_ascii=False, default=str)
         storage.upload_dir(out_local, out_uri)

@@ -108,8 +108,21 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str = "sd
         raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from exc
 
 
+def full_shape(param: Any) -> tuple[int, ...]:
+    """A parameter's whole shape, also under ZeRO-3, where the local tensor is an empty placeholder."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: Any) -> int:
+    """A parameter's whole element count, also under ZeRO-3 (see `full_shape`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def align_vocab(model: Any, tokenizer: Any, pad_to_multiple_of: Optional[int] = None) -> None:
-    """Grow the embeddings when the tokenizer has more tokens than the model (never shrinks)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Grow the embeddings when the tokenizer has more tokens than the model (never shrinks).
+
+    Under ZeRO-3 the embeddings are partitioned: transformers gathers them to copy the old rows.
+    """
+    if len(tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
         log.info("resizing embeddings to %d tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)

@@ -10,6 +10,7 @@ import torch
 
 from orchestrator.config import FreezeConfig, LoraConfig, TrainConfig
 from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.model.loading import full_numel
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def freeze_all_but_last_layers(model: Any, freeze: FreezeConfig) -> None:
 
 
 def _log_trainable(model: Any, what: str) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     log.info("%s: %d trainable of %d parameters (%.2f%%)", what, trainable, total, 100 * trainable / max(total, 1))
 
 

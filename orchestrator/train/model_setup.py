@@ -43,6 +43,24 @@ def build_training_model(model_config: ModelConfig, train: TrainConfig, model_di
     return apply_method(model, train, total_steps, tokenizer_dir)
 
 
+def zero3_partitioned_loading(ds_config: dict[str, Any], use_gpu: bool) -> Optional[Any]:
+    """Under ZeRO-3, an object that makes transformers build the model inside `deepspeed.zero.Init`.
+
+    While it lives, `from_pretrained` creates every parameter already partitioned across the ranks
+    (no rank materialises the whole model; DeepSpeed then skips its whole-module move to the device),
+    and embedding resizes gather and re-partition. Keep the returned object alive as long as the
+    engine: transformers holds only a weak reference to it. None for ZeRO 0-2 (whole loading).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init reads the world size from DeepSpeed's communicator: bind it to the process group Ray set up.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    return HfDeepSpeedConfig(ds_config)
+
+
 def load_trainable_adapter(model: Any, adapter_uri: str) -> Any:
     """`model` wrapped with the adapter at `adapter_uri` (directory or URI), its weights trainable."""
     from peft import PeftModel

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,17 +35,19 @@ from orchestrator.config import (
     DistributedConfig,
     EvalConfig,
     ModelConfig,
+    NodeCacheConfig,
     PreferenceTrainConfig,
     TrainConfig,
 )
 from orchestrator.data.sft import IGNORE_INDEX
-from orchestrator.model.loading import load_tokenizer
+from orchestrator.model.loading import full_numel, full_shape, load_tokenizer
 from orchestrator import checkpoint as ckpt
+from orchestrator import node_cache
 from orchestrator.train.context import RayTrainContext, TrainContext
 from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from orchestrator.tracking import TrackingTarget
 from orchestrator.train.metrics_log import MetricsLog
-from orchestrator.train.model_setup import adalora_update, build_training_model
+from orchestrator.train.model_setup import adalora_update, build_training_model, zero3_partitioned_loading
 from orchestrator.train.preference_step import (
     PreferenceObjective,
     build_reference_engine,
@@ -105,6 +106,7 @@ class WorkerPlan:
     deepspeed_user_config: Optional[dict[str, Any]] = None
     tracking: Optional[TrackingTarget] = None  # the run's MLflow / W&B runs (rank 0 logs its metrics there)
     reference_logps_uri: Optional[str] = None  # stage 3 with precompute_reference: where the pass writes them
+    node_cache: NodeCacheConfig = field(default_factory=NodeCacheConfig)  # remote inputs: one download per node
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -145,11 +147,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        (no_decay if len(full_shape(param)) < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _loaded_share(model: torch.nn.Module) -> str:
+    """How much of the model this rank materialised: its partitions against the whole parameter count."""
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    whole = sum(full_numel(p) for p in model.parameters())
+    return f"{local:,} of {whole:,} parameters ({100 * local / max(whole, 1):.1f}%)"
 
 
 def _batches(shard: Any, micro_batch_size: int, seed: int, collate_rows: Any, prebatched: bool) -> Iterator[dict]:
@@ -285,7 +294,6 @@ class WorkerRecipe:
     def __init__(self, plan: WorkerPlan, context: TrainContext):
         self.plan, self.context = plan, context
         self.rank, self.world = context.world_rank, context.world_size
-        self.cache = tempfile.mkdtemp(prefix="orchestrator-model-")
         self.logs = MetricsLog(plan.logs_dir if self.rank == 0 else None, plan.stage, plan.tracking)
         self.accumulation = plan.train.accumulation_steps(self.world)
         warmup_steps = plan.train.warmup_steps
@@ -296,14 +304,15 @@ class WorkerRecipe:
         self.meter = StepMeter()
         self.engine: Any = None
         self.objective: Optional[PreferenceObjective] = None  # stage 3: the preference loss instead of the LM loss
+        self.partitioned_loading: Optional[Any] = None  # ZeRO-3: alive as long as the engine
 
     # --- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Runtime, tokenizer, model + engine, then the resume (which decides how the model is built)."""
         plan = self.plan
         self._setup_runtime()
-        model_dir = storage.download_dir(plan.base_model, os.path.join(self.cache, "base"))
-        tokenizer_dir = storage.download_dir(plan.tokenizer, os.path.join(self.cache, "tokenizer"))
+        model_dir = self._fetch(plan.base_model)
+        tokenizer_dir = self._fetch(plan.tokenizer)
         self.tokenizer = load_tokenizer(tokenizer_dir)
         with contextlib.ExitStack() as stack:  # a checkpoint Ray downloaded lives until the engine loaded it
             resume = self._find_resume_point(stack)
@@ -341,11 +350,14 @@ class WorkerRecipe:
         import deepspeed
 
         plan = self.plan
+        ds_config = build_deepspeed_config(plan.train, plan.distributed, self.world, self.precision,
+                                           plan.deepspeed_user_config)
+        self.partitioned_loading = zero3_partitioned_loading(ds_config, plan.distributed.use_gpu)
         model = build_training_model(plan.model, plan.train, model_dir, self.tokenizer, tokenizer_dir, self.precision,
                                      plan.schedule.total_steps,
                                      os.path.join(weights_from, ckpt.MODEL_DIR) if weights_from else None)
-        ds_config = build_deepspeed_config(plan.train, plan.distributed, self.world, self.precision,
-                                           plan.deepspeed_user_config)
+        if self.rank == 0 and self.partitioned_loading is not None:
+            log.info("%s: ZeRO-3 partitioned loading, this rank holds %s", plan.stage, _loaded_share(model))
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=_param_groups(model, plan.train.weight_decay),
@@ -357,6 +369,10 @@ class WorkerRecipe:
         if plan.train.torch_compile:
             engine.compile(backend=plan.train.torch_compile_backend)
         return engine, ds_config
+
+    def _fetch(self, uri: str) -> str:
+        """A remote input as a local directory, downloaded once per node (the node cache)."""
+        return node_cache.fetch(uri, self.plan.node_cache.dir, self.plan.node_cache.max_gb)
 
     def _setup_preference(self, model_dir: str) -> PreferenceObjective:
         """Stage 3's objective; full and freeze get a frozen reference copy of the stage base (adapter methods
@@ -411,14 +427,15 @@ class WorkerRecipe:
         checkpoint in storage, which is the ground truth.
         """
         checkpoint = self.context.get_checkpoint()
-        if checkpoint is not None:
+        if checkpoint is not None and not storage.is_remote(self.plan.stage_uri):
             root = stack.enter_context(checkpoint.as_directory())
             source = checkpoint.path
         else:
-            source = ckpt.latest_complete_checkpoint(self.plan.stage_uri)
+            source = (ckpt.latest_complete_checkpoint(self.plan.stage_uri) if checkpoint is None
+                      else storage.join(self.plan.stage_uri, os.path.basename(checkpoint.path.rstrip("/"))))
             if source is None:
                 return None
-            root = storage.download_dir(source, os.path.join(self.cache, "resume"))
+            root = self._fetch(source)
         manifest = ckpt.verify_checkpoint(root)
         resume = ResumePoint(root, source, int(manifest.get("world_size") or self.world))
         if resume.world_size != self.world and self.plan.checkpoint.on_world_size_change == "fail":
@@ -585,8 +602,7 @@ class WorkerRecipe:
 
     # --- clean up ----------------------------------------------------------------------------------
     def cleanup(self) -> None:
-        self.logs.close()
-        shutil.rmtree(self.cache, ignore_errors=True)  # downloaded base model / resume state
+        self.logs.close()  # remote inputs stay in the node cache for the next stage, restart or trial
 
 
 def run_recipe(plan: WorkerPlan, context: TrainContext) -> None:

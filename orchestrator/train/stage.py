@@ -23,7 +23,7 @@ from orchestrator.model.export import export_model
 from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
 from orchestrator.plan.planner import check_fits
 from orchestrator.provenance import git_revision, package_versions
-from orchestrator.runtime import configure_storage, ensure_ray
+from orchestrator.runtime import configure_storage, ensure_ray, run_model_task
 from orchestrator.tracking import finish_tracking, log_files, start_tracking
 from orchestrator.train.stage_base import prepare_stage_base
 from orchestrator.train.trainer import fit_stage
@@ -199,7 +199,10 @@ def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = No
 def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, metrics: dict[str, Any],
                        data_stats: dict[str, Any], base_model: str, tokenizer_uri: str,
                        extra_lineage: Optional[dict[str, Any]] = None) -> str:
-    """The stage's final model in `models/<stage>/`, with lineage.json saying where it came from."""
+    """The stage's final model in `models/<stage>/`, with lineage.json saying where it came from.
+
+    The export (LoRA merged into the base) runs as a Ray task with `distributed.model_tasks` resources.
+    """
     train_cfg = config.stage(stage).train
     lineage = {
         "stage": stage,
@@ -214,5 +217,6 @@ def export_stage_model(config: PipelineConfig, stage: str, checkpoint_uri: str, 
         **(extra_lineage or {}),
     }
     with progress.step(f"{stage}: export model"):
-        return export_model(checkpoint_uri, base_model, train_cfg.method, RunLayout.of(config).model(stage),
-                            resolve_dtype(config.model.dtype, train_cfg.precision), lineage)
+        return run_model_task(export_model, checkpoint_uri, base_model, train_cfg.method,
+                              RunLayout.of(config).model(stage), resolve_dtype(config.model.dtype, train_cfg.precision),
+                              lineage, config.storage.node_cache, resources=config.distributed.model_tasks)

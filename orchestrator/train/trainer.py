@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from orchestrator import progress, storage
 from orchestrator.config import PipelineConfig
@@ -137,6 +137,7 @@ def fit_stage(
         deepspeed_user_config=deepspeed_user_config,
         tracking=tracking,
         reference_logps_uri=reference_uri,
+        node_cache=config.storage.node_cache,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -64,12 +64,16 @@ class FaultyProxy:
     """HTTP proxy to an S3 endpoint that answers 503 to writes whose path matches `fail_writes` (a regex).
 
     Everything else is forwarded unchanged, so a checkpoint upload can be cut off half-way.
+    `bytes_served` counts the body bytes of every GET answer by request path (query dropped), so a
+    test can see how often an object was downloaded.
     """
 
     def __init__(self, upstream_port: int, fail_writes: Optional[str] = None) -> None:
         self.upstream_port = upstream_port
         self.fail_writes = re.compile(fail_writes) if fail_writes else None
         self.failed: list[str] = []
+        self.bytes_served: dict[str, int] = {}
+        self.lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -117,6 +121,10 @@ class FaultyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                if self.command == "GET":
+                    with proxy.lock:
+                        key = self.path.split("?", 1)[0]
+                        proxy.bytes_served[key] = proxy.bytes_served.get(key, 0) + len(data)
                 upstream.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
@@ -124,6 +132,11 @@ class FaultyProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def served_under(self, prefix: str) -> int:
+        """GET body bytes served for object paths starting with `prefix` (e.g. "/bucket/run/base/")."""
+        with self.lock:
+            return sum(n for path, n in self.bytes_served.items() if path.startswith(prefix))
 
     def start(self) -> "FaultyProxy":
         self.thread.start()

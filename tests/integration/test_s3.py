@@ -114,6 +114,7 @@ def test_checkpoints_and_models_on_s3_without_leaking_credentials(ray_cluster, s
     AutoModelForCausalLM.from_pretrained(local)
     lineage = json.loads(Path(local, "lineage.json").read_text())
     assert lineage["data_files"] and lineage["packages"]["ray"] and lineage["base_model"].startswith("s3://")
+    assert lineage["exported_on"]["pid"] != os.getpid()  # the export ran as a Ray task, not in the driver
     for uri, digest in lineage["data_files"].items():
         assert uri.startswith(data_uri + "/")
         local_file = shared_data / "pretrain" / "legal" / uri.rsplit("/", 1)[1]
@@ -171,8 +172,11 @@ def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_serve
                                            **overrides))
     run_stage(reference, "pretrain")
 
-    tree = s3_config(shared_data, s3_server.endpoint, prefix, method, zero_stage, **overrides)
+    # Through a counting proxy: how often the base model is downloaded, by 2 workers and after the restart.
+    proxy = FaultyProxy(s3_server.port).start()
+    tree = s3_config(shared_data, proxy.endpoint, prefix, method, zero_stage, **overrides)
     tree["distributed"]["max_failures"] = 1
+    tree["storage"]["node_cache"] = {"dir": str(Path(ray_cluster) / f"node-cache-{method}")}
     config = config_from_dict(tree)
     killed: list = []
     stop = threading.Event()
@@ -184,7 +188,12 @@ def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_serve
     finally:
         stop.set()
         killer.join(timeout=10)
+        proxy.stop()
     assert killed, "no worker was killed"
+    base_objects = s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/s3run/base/")["Contents"]
+    base_bytes = sum(o["Size"] for o in base_objects)
+    # One node: one download of the base for both workers, none after the restart.
+    assert proxy.served_under(f"/{BUCKET}/{prefix}/s3run/base/") == base_bytes > 0
     records = read_stage_metrics(RunLayout.of(config), "pretrain")
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 4
@@ -223,3 +232,44 @@ def test_interrupted_checkpoint_upload_is_never_taken_as_latest(ray_cluster, s3_
     run_stage(config, "pretrain")
     resumed = [r for r in read_stage_metrics(RunLayout.of(config), "pretrain") if r.get("event") == "resumed"]
     assert resumed and resumed[-1]["step"] == latest_step
+
+
+_FETCH_SCRIPT = """
+import sys
+from orchestrator import node_cache, storage
+storage.configure(storage.S3Settings(endpoint_url=sys.argv[1], region=sys.argv[2], access_key_id=sys.argv[3],
+                                     secret_access_key=sys.argv[4]))
+print(node_cache.fetch(sys.argv[5], sys.argv[6], max_gb=float(sys.argv[7])))
+"""
+
+
+def test_node_cache_downloads_once_per_node_and_refetches_a_changed_object(s3_server, tmp_path):
+    """Two processes fetch the same S3 directory at once: the bytes cross the wire once; a changed object
+    is a new entry; the bound evicts the least recently used entry."""
+    client = s3_server.client()
+    payload = os.urandom(3_000_000)
+    client.put_object(Bucket=BUCKET, Key="cache/model/model.safetensors", Body=payload)
+    client.put_object(Bucket=BUCKET, Key="cache/model/config.json", Body=b'{"a": 1}')
+    proxy = FaultyProxy(s3_server.port).start()
+    cache = tmp_path / "node-cache"
+
+    def fetch_in_processes(n: int, max_gb: float = 1.0) -> list[str]:
+        args = [sys.executable, "-c", _FETCH_SCRIPT, proxy.endpoint, REGION, ACCESS_KEY, SECRET_KEY,
+                f"s3://{BUCKET}/cache/model", str(cache), str(max_gb)]
+        procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+        return [out.strip() for out, _ in outs]
+
+    try:
+        first = fetch_in_processes(2)
+        assert first[0] == first[1] and Path(first[0], "model.safetensors").read_bytes() == payload
+        assert proxy.served_under(f"/{BUCKET}/cache/model/") == len(payload) + 8  # once, not twice
+        assert fetch_in_processes(1) == first[:1] and proxy.served_under(f"/{BUCKET}/cache/model/") == len(payload) + 8
+
+        client.put_object(Bucket=BUCKET, Key="cache/model/config.json", Body=b'{"a": 2}')
+        changed = fetch_in_processes(1, max_gb=len(payload) * 1.5 / 1024**3)
+        assert changed[0] != first[0] and Path(changed[0], "config.json").read_bytes() == b'{"a": 2}'
+        assert not Path(first[0]).exists()  # two copies do not fit the bound: the older one went
+    finally:
+        proxy.stop()

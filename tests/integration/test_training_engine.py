@@ -6,6 +6,8 @@ prompt-tuning, p-tuning, prefix-tuning and freeze-tuning under ZeRO-2. Each case
 steps on a fixed batch, saves through the same `save_hf_model` the training loop uses, and dumps the
 in-memory (ZeRO-3: gathered) tensors next to it. The tests then reload what was saved and compare.
 The offload cases JIT-build DeepSpeed's CPU Adam on first use (~1.5 min, cached afterwards).
+The `partitioned` cases load the same base from disk the way the stage recipe does under ZeRO-3
+(`build_training_model` inside `zero3_partitioned_loading`): parameters are born partitioned.
 """
 
 from __future__ import annotations
@@ -34,6 +36,34 @@ METHODS = [
     {"name": f"{method}-zero2", "method": method, "precision": "fp32", "dist": {"zero_stage": 2}}
     for method in ("adalora", "prompt_tuning", "p_tuning", "prefix_tuning", "freeze")
 ]
+GROWN_TOKENS = 16  # the `grow` case's tokenizer has this many more tokens than the base
+PARTITIONED = [
+    {"name": f"zero3-partitioned-{method}-fp32", "method": method, "precision": "fp32", "partitioned": True,
+     "dist": {"zero_stage": 3}} for method in ("full", "lora")
+] + [{"name": "zero3-partitioned-grow-lora-fp32", "method": "lora", "precision": "fp32", "partitioned": True,
+      "grow": True, "dist": {"zero_stage": 3}}]
+
+
+def _partitioned_model(case: dict, train, dist, world: int, base: str, tokenizer_dir: str, tokenizer) -> tuple:
+    """The base loaded from disk as the recipe loads it under ZeRO-3; what rank 0 holds of it before
+    deepspeed.initialize."""
+    from orchestrator.config import ModelConfig
+    from orchestrator.model.loading import full_numel
+    from orchestrator.train.deepspeed_config import build_deepspeed_config
+    from orchestrator.train.model_setup import build_training_model, zero3_partitioned_loading
+
+    keep_alive = zero3_partitioned_loading(build_deepspeed_config(train, dist, world, case["precision"]), False)
+    model = build_training_model(ModelConfig(base=base), train, base, tokenizer, tokenizer_dir, case["precision"],
+                                 STEPS)
+    params = list(model.parameters())
+    loaded = {
+        "local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+        "whole": sum(full_numel(p) for p in params),
+        "all_partitioned": all(hasattr(p, "ds_id") for n, p in model.named_parameters() if "lora_" not in n),
+        "embedding_rows": model.get_input_embeddings().weight.ds_shape[0]
+        if hasattr(model.get_input_embeddings().weight, "ds_shape") else model.get_input_embeddings().weight.shape[0],
+    }
+    return model, keep_alive, loaded
 
 
 def _train_cases(loop_config: dict) -> None:
@@ -58,15 +88,21 @@ def _train_cases(loop_config: dict) -> None:
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own fixed batch
     ids = torch.randint(3, len(tokenizer), (2, 24), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    losses = {}
+    losses, loaded = {}, {}
     for case in loop_config["cases"]:
         prompt_style = case["method"] in ("prompt_tuning", "p_tuning", "prefix_tuning")
         train = TrainConfig(method=case["method"], micro_batch_size=2, learning_rate=0.1 if prompt_style else 1e-2,
                             adalora={"init_r": 8, "target_r": 4, "tinit": 1, "tfinal": 1},
                             prompt={"num_virtual_tokens": 4}, freeze={"trainable_layers": 1})
         dist = DistributedConfig(**case["dist"])
-        model = create_tiny_model(TinyModelConfig(**TINY), tokenizer, seed=0).to(resolve_dtype("auto", case["precision"]))
-        model = apply_method(model, train, STEPS, loop_config["tokenizer"])
+        if case.get("partitioned"):
+            case_tokenizer_dir = loop_config["grown_tokenizer"] if case.get("grow") else loop_config["tokenizer"]
+            model, keep_alive, loaded[case["name"]] = _partitioned_model(
+                case, train, dist, world, loop_config["base"], case_tokenizer_dir, load_tokenizer(case_tokenizer_dir))
+        else:
+            model = create_tiny_model(TinyModelConfig(**TINY), tokenizer, seed=0).to(resolve_dtype("auto", case["precision"]))
+            model = apply_method(model, train, STEPS, loop_config["tokenizer"])
+            keep_alive = None
         is_adapter = train.method in ADAPTER_METHODS
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -89,8 +125,10 @@ def _train_cases(loop_config: dict) -> None:
                 torch.save({n: p.detach().float().cpu().clone() for n, p in params}, saved / "in_memory.pt")
         losses[case["name"]] = case_losses
         engine.destroy()
+        del keep_alive  # transformers' ZeRO-3 loading ends with the engine
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
+        (out / "loaded.json").write_text(json.dumps(loaded))
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +146,14 @@ def trained(ray_cluster, shared_data, tmp_path_factory):
     base = out / "base"  # the untrained model every case starts from (seed 0): the adapters' base
     create_tiny_model(TinyModelConfig(**TINY), load_tokenizer(tokenizer_dir), seed=0).save_pretrained(base)
     load_tokenizer(tokenizer_dir).save_pretrained(base)
+    grown = load_tokenizer(tokenizer_dir)
+    grown.add_tokens([f"术语{i}" for i in range(GROWN_TOKENS)])
+    grown.save_pretrained(out / "grown-tokenizer")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trainer = TorchTrainer(
         _train_cases,
-        train_loop_config={"out": str(out), "tokenizer": tokenizer_dir, "cases": MATRIX + METHODS},
+        train_loop_config={"out": str(out), "tokenizer": tokenizer_dir, "cases": MATRIX + METHODS + PARTITIONED,
+                           "base": str(base), "grown_tokenizer": str(out / "grown-tokenizer")},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="engine-cases", storage_path=str(out / "ray")),
         torch_config=TorchConfig(backend="gloo"),
@@ -126,7 +168,7 @@ def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in MATRIX + METHODS])
+@pytest.mark.parametrize("case", [c["name"] for c in MATRIX + METHODS + PARTITIONED])
 def test_loss_falls(trained, case):
     _, losses, _ = trained
     # Virtual tokens alone move a random batch's loss only a little in 6 steps; weights move it a lot.
@@ -134,7 +176,8 @@ def test_loss_falls(trained, case):
     assert losses[case][-1] < losses[case][0] - margin, losses[case]
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in MATRIX if c["method"] == "full"] + ["freeze-zero2"])
+@pytest.mark.parametrize("case", [c["name"] for c in MATRIX if c["method"] == "full"]
+                         + ["freeze-zero2", "zero3-partitioned-full-fp32"])
 def test_saved_full_weights_equal_the_gathered_in_memory_weights(trained, case):
     from transformers import AutoModelForCausalLM
 
@@ -147,7 +190,7 @@ def test_saved_full_weights_equal_the_gathered_in_memory_weights(trained, case):
         torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("case", [c["name"] for c in MATRIX if c["method"] == "lora"])
+@pytest.mark.parametrize("case", [c["name"] for c in MATRIX + PARTITIONED if c["method"] == "lora"])
 def test_saved_adapter_holds_the_real_gathered_tensors(trained, case):
     out, _, _ = trained
     saved = _adapter_tensors(out / case)
@@ -156,6 +199,30 @@ def test_saved_adapter_holds_the_real_gathered_tensors(trained, case):
     for name, tensor in saved.items():
         assert tensor.numel() > 0 and tensor.shape == in_memory[name].shape, (name, tuple(tensor.shape))
         torch.testing.assert_close(tensor.float(), in_memory[name], rtol=0, atol=0, msg=name)
+
+
+def test_zero3_loading_is_partitioned_and_trains_like_whole_loading(trained):
+    """Under ZeRO-3 the recipe's loading gives each of 2 ranks about half the parameters before
+    deepspeed.initialize (all of them DeepSpeed parameters, so the engine never moves a whole module),
+    and training matches the whole-loaded model: same first loss, close after the steps."""
+    out, losses, _ = trained
+    loaded = json.loads((out / "loaded.json").read_text())
+    for method in ("full", "lora"):
+        share = loaded[f"zero3-partitioned-{method}-fp32"]
+        assert share["all_partitioned"], share
+        assert share["local"] <= 0.6 * share["whole"], share  # 2 ranks: ~0.5 plus padding (and the adapter)
+        partitioned, whole = losses[f"zero3-partitioned-{method}-fp32"], losses[f"zero3-{method}-fp32"]
+        assert abs(partitioned[0] - whole[0]) < 1e-4, (partitioned, whole)
+        assert abs(partitioned[-1] - whole[-1]) < 0.05 * whole[0], (partitioned, whole)
+
+
+def test_zero3_vocabulary_growth_resizes_the_partitioned_embeddings(trained):
+    from transformers import AutoConfig
+
+    out, _, base = trained
+    grown = json.loads((out / "loaded.json").read_text())["zero3-partitioned-grow-lora-fp32"]
+    base_rows = AutoConfig.from_pretrained(base).vocab_size
+    assert grown["embedding_rows"] == base_rows + GROWN_TOKENS
 
 
 def test_zero3_lora_adapter_is_not_the_empty_placeholder(trained):
