@@ -29,6 +29,7 @@ def build_training_model(model_config: ModelConfig, train: TrainConfig, model_di
     model = load_causal_lm(weights_dir, resolve_dtype(model_config.dtype, precision),
                            model_config.attn_implementation, model_config.trust_remote_code)
     align_vocab(model, tokenizer)
+    partition_new_parameters(model)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -59,6 +60,18 @@ def zero3_partitioned_loading(ds_config: dict[str, Any], use_gpu: bool) -> Optio
     # zero.Init reads the world size from DeepSpeed's communicator: bind it to the process group Ray set up.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     return HfDeepSpeedConfig(ds_config)
+
+
+def partition_new_parameters(model: Any) -> None:
+    """Under partitioned ZeRO-3 loading, partition what was created whole after loading (grown embeddings:
+    transformers builds them outside zero.Init), so no rank keeps a whole embedding until initialize."""
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
 
 
 def load_trainable_adapter(model: Any, adapter_uri: str) -> Any:

@@ -206,8 +206,9 @@ def save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, ra
 
     ZeRO-3 keeps only a shard of every parameter per rank, so a plain save_pretrained would write
     empty placeholders. Full weights: DeepSpeed's consolidated state dict (gathered to rank 0 one
-    module at a time, so no rank ever holds two full copies). Adapters: the trainable tensors are
-    gathered (collective) around peft's save_pretrained. Every rank must call this.
+    module at a time, so no rank ever holds two full copies). Adapters: the trainable tensors and the
+    embeddings (which peft saves too when the vocabulary grew) are gathered (collective) around peft's
+    save_pretrained. Every rank must call this.
     """
     import deepspeed
 
@@ -217,8 +218,12 @@ def save_hf_model(engine: Any, tokenizer: Any, out_dir: str, zero_stage: int, ra
         if rank == 0:
             module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     elif zero_stage == 3:
+        # peft also saves the (frozen) embeddings when the vocabulary grew: gather them with the adapter.
+        embeddings = [layer.weight for layer in (module.get_input_embeddings(), module.get_output_embeddings())
+                      if layer is not None]
         trainable = [param for param in module.parameters() if param.requires_grad]
-        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        to_gather = list({id(p): p for p in trainable + embeddings}.values())
+        with deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None):
             if rank == 0:
                 module.save_pretrained(out_dir, safe_serialization=True)
     elif rank == 0:
