@@ -349,15 +349,18 @@ def upload_dir(local_dir: str, uri: str) -> None:
     shutil.copytree(local_dir, dest)
 
 
-def download_dir(uri: str, local_dir: str) -> str:
-    """Make a path or URI available as a local directory; returns the local path (no copy for local)."""
+def download_dir(uri: str, local_dir: str, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """Make a path or URI available as a local directory; returns the local path (no copy for local).
+
+    `skip_suffixes`: remote files whose names end so are not fetched (e.g. weights, for a tokenizer).
+    """
     if not is_remote(uri):
         return local_path(uri)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client, config = _boto_client(), _transfer_config()
-        objects = list_files(uri)
+        objects = [rel for rel in list_files(uri) if not rel.endswith(skip_suffixes)]
         if not objects:
             raise StorageError(f"{uri}: nothing to download (no objects under this prefix)")
 
@@ -368,6 +371,13 @@ def download_dir(uri: str, local_dir: str) -> str:
                      str(target), Config=config)
 
         _parallel(download, list(objects))
+        return local_dir
+    if skip_suffixes:
+        for rel in list_files(uri):
+            if not rel.endswith(skip_suffixes):
+                target = Path(local_dir) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(read_bytes(join(uri, rel)))
         return local_dir
     fs, path = resolve(uri)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from orchestrator import storage
 from orchestrator.config import TinyModelConfig
 from orchestrator.data.templates import CHATML_END, CHATML_JINJA, CHATML_START
 from orchestrator.errors import ConfigError
@@ -106,6 +107,15 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str = "sd
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from exc
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def fetch_tokenizer(uri: str, local_dir: str) -> Any:
+    """The tokenizer at a path or URI. Of a remote model directory only the small files travel, never the
+    weights (the driver reads a 7B base's tokenizer without downloading the 7B)."""
+    return load_tokenizer(storage.download_dir(uri, local_dir, skip_suffixes=WEIGHT_SUFFIXES))
 
 
 def full_shape(param: Any) -> tuple[int, ...]:

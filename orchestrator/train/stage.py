@@ -20,7 +20,7 @@ from orchestrator.data.prepare import PreparedData, prepare_stage_data
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.layout import RunLayout
 from orchestrator.model.export import export_model
-from orchestrator.model.loading import create_tiny_model, load_tokenizer, resolve_dtype, train_bpe_tokenizer
+from orchestrator.model.loading import create_tiny_model, fetch_tokenizer, resolve_dtype, train_bpe_tokenizer
 from orchestrator.plan.planner import check_fits
 from orchestrator.provenance import git_revision, package_versions
 from orchestrator.runtime import configure_storage, ensure_ray, run_model_task
@@ -80,7 +80,7 @@ def materialize_base(config: PipelineConfig) -> tuple[str, Optional[str]]:
         log.info("reusing the tiny base model at %s", base_uri)
         return base_uri, config.tokenizer.path and storage.join(config.tokenizer.path)
     if config.tokenizer.path is not None:
-        tokenizer = load_tokenizer(storage.download_dir(config.tokenizer.path, tempfile.mkdtemp(prefix="tok-")))
+        tokenizer = fetch_tokenizer(config.tokenizer.path, tempfile.mkdtemp(prefix="tok-"))
     else:
         training = config.tokenizer.train
         texts = [d.text for d in documents_for_tokenizer(config)][: training.max_documents]
@@ -137,7 +137,7 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
         base_model, tokenizer_uri = materialize_base(config)
     tokenizer_uri = tokenizer_uri or base_model
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
-        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, tmp))
+        tokenizer = fetch_tokenizer(tokenizer_uri, tmp)
     train = config.stage(stage).train
     with progress.step(f"{stage}: prepare data") as bar:
         data = prepare_stage_data(stage, config.stage(stage).data, tokenizer,

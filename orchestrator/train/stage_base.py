@@ -31,12 +31,11 @@ from orchestrator.config import PROMPT_METHODS, PipelineConfig
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.layout import RunLayout
 from orchestrator.model.embeddings import PAD_TO_MULTIPLE_OF, check_extends, check_tokenizer_fits, extend_embeddings
-from orchestrator.model.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from orchestrator.model.loading import WEIGHT_SUFFIXES, fetch_tokenizer, load_causal_lm, load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 DERIVED_BASE_RECORD = "derived_base.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 ADAPTER_METHOD_OF = {"LORA": "lora", "ADALORA": "adalora", "PROMPT_TUNING": "prompt_tuning",
                      "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 
@@ -75,7 +74,7 @@ def prepare_stage_base(config: PipelineConfig, stage: str, base_model: str, toke
         check_resumable(adapters[-1], config.stage(stage).train.method)
     to_merge = adapters[:-1] if resume else adapters
     with tempfile.TemporaryDirectory(prefix="stage-base-") as tmp:
-        tokenizer = load_tokenizer(storage.download_dir(tokenizer_uri, os.path.join(tmp, "tokenizer")))
+        tokenizer = fetch_tokenizer(tokenizer_uri, os.path.join(tmp, "tokenizer"))
         base_tokenizer = _base_tokenizer(base_model, tokenizer_uri, len(tokenizer), os.path.join(tmp, "base-tokenizer"))
         grows = base_tokenizer is not None and len(tokenizer) > len(base_tokenizer)
         if not to_merge and not grows:

@@ -73,6 +73,7 @@ class FaultyProxy:
         self.fail_writes = re.compile(fail_writes) if fail_writes else None
         self.failed: list[str] = []
         self.bytes_served: dict[str, int] = {}
+        self.gets: list[tuple] = []
         self.lock = threading.Lock()
         proxy = self
 
@@ -125,6 +126,7 @@ class FaultyProxy:
                     with proxy.lock:
                         key = self.path.split("?", 1)[0]
                         proxy.bytes_served[key] = proxy.bytes_served.get(key, 0) + len(data)
+                        proxy.gets.append((time.time(), key, len(data), self.headers.get("User-Agent", "")[:40]))
                 upstream.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
