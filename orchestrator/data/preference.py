@@ -16,9 +16,10 @@ Records go through the source's shape first (orchestrator.data.shapes: `records`
 `transform`, a LLaMA-Factory `dataset` entry with its columns), as in stages 1 and 2.
 
 The prompt goes through the same chat template as stage 2 (orchestrator.data.templates). Each answer
-is encoded token-exact: prompt text + answer text is tokenized as ONE text and the answer's labels are
-the tokens that hold answer characters (by their character offsets), so the ids are those the model
-reads at inference, never a concatenation of separately tokenized pieces. Prompt tokens are -100.
+is encoded token-exact by stage 2's rule (orchestrator.data.sft.cut_at_boundaries): prompt text + answer
+text is tokenized as ONE text, and the answer starts where that text's ids stop agreeing with the prompt's
+own ids, so the ids are those the model reads at inference, never a concatenation of separately tokenized
+pieces. Prompt tokens are -100; a token that straddles the boundary is trained and reported.
 With the `kto` loss, paired records are unpaired (chosen → desirable, rejected → undesirable), as TRL
 does; every unpaired example also gets a mismatched partner (its prompt with the next example's
 answer) for KTO's KL estimate.
@@ -43,7 +44,8 @@ from orchestrator.data.formats import (
 )
 from orchestrator.data.readers import read_source
 from orchestrator.data.shapes import resolve_dataset, shape_inputs, shape_record
-from orchestrator.data.sft import IGNORE_INDEX
+from orchestrator.data.pretrain import encode_texts
+from orchestrator.data.sft import IGNORE_INDEX, cut_at_boundaries, report_straddling
 from orchestrator.data.templates import ChatTemplate
 from orchestrator.errors import DataError, DataValidationError, RecordError
 
@@ -309,17 +311,22 @@ def render_prompt_answer(template: ChatTemplate, prompt: Sequence[Message], answ
     return body, rendered.turns[-1][1]
 
 
-def encode_prompt_answers(pieces: Sequence[tuple[str, str]], tokenizer: Any) -> list[EncodedAnswer]:
-    """Token-exact encoding of (prompt text, answer text) pairs: each tokenized as one text; a token is an
-    answer label when it holds an answer character (its end offset lies past the prompt)."""
-    texts = [prompt + answer for prompt, answer in pieces]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for (prompt, _), ids, offsets in zip(pieces, encoded["input_ids"], encoded["offset_mapping"]):
+def encode_prompt_answers(pieces: Sequence[tuple[str, str]], tokenizer: Any,
+                          origins: Optional[Sequence[str]] = None) -> list[EncodedAnswer]:
+    """Token-exact encoding of (prompt text, answer text) pairs, by stage 2's rule: each tokenized as one
+    text, cut where its ids leave the prompt's own ids; straddling boundaries are reported once."""
+    whole = encode_texts([prompt + answer for prompt, answer in pieces], tokenizer)
+    heads = encode_texts([prompt for prompt, _ in pieces], tokenizer)
+    out, straddling = [], []
+    for i, (ids, head) in enumerate(zip(whole, heads)):
+        (cut,), straddled = cut_at_boundaries(ids, [head])
+        if straddled:
+            straddling.append(origins[i] if origins else f"example {i}")
         ids = np.asarray(ids, dtype=np.int32)
-        ends = np.asarray([end for _, end in offsets], dtype=np.int64)
-        labels = np.where(ends > len(prompt), ids, IGNORE_INDEX).astype(np.int32)
+        labels = ids.copy()
+        labels[:cut] = IGNORE_INDEX
         out.append(EncodedAnswer(ids, labels))
+    report_straddling(straddling, len(pieces))
     return out
 
 
@@ -340,7 +347,8 @@ def truncate_answer(encoded: EncodedAnswer, max_length: int) -> EncodedAnswer:
 def _encode(template: ChatTemplate, tokenizer: Any, items: Sequence[tuple[Sequence[Message], str, str]],
             max_length: int) -> list[EncodedAnswer]:
     pieces = [render_prompt_answer(template, prompt, answer, origin) for prompt, answer, origin in items]
-    return [truncate_answer(e, max_length) for e in encode_prompt_answers(pieces, tokenizer)]
+    encoded = encode_prompt_answers(pieces, tokenizer, [origin for _, _, origin in items])
+    return [truncate_answer(e, max_length) for e in encoded]
 
 
 def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, template: ChatTemplate, max_length: int,

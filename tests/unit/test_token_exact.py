@@ -184,3 +184,27 @@ def test_an_option_scored_after_a_prompt_is_tokenized_as_it_follows_the_prompt(f
     assert context + option == encode_text(tokenizer, prompt + "A")
     assert context == prompt_ids and tokenizer.convert_ids_to_tokens(option) == ["A"]
     assert tokenizer.convert_ids_to_tokens(encode_text(tokenizer, "A"))[0] == "▁"  # tokenized alone
+
+
+@pytest.mark.parametrize("family", ["sentencepiece+alpaca", "sentencepiece+llama2", "minimind"])
+def test_preference_answers_follow_the_same_rule(family, families, conversations, caplog):
+    """Stage 3 encodes chosen and rejected by stage 2's rule: the ids are prompt + answer tokenized as one
+    text and the labels decode to exactly the answer and its end of turn."""
+    from orchestrator.data.preference import PreferencePair, encode_pairs, render_prompt_answer
+
+    tokenizer, template = families[family]
+    pairs = [PreferencePair(c.messages[:-1], c.messages[-1].content, other.messages[-1].content, c.origin)
+             for c, other in zip(conversations[:120:2], conversations[1:120:2])]
+    with caplog.at_level("WARNING", logger="orchestrator.data.sft"):
+        columns = encode_pairs(pairs, tokenizer, template, max_length=100_000)
+    assert "straddling" not in caplog.text
+    wrong = []
+    for i, pair in enumerate(pairs):
+        for side, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            prompt_text, answer_text = render_prompt_answer(template, pair.prompt, answer, pair.origin)
+            ids, labels = columns[f"{side}_input_ids"][i].tolist(), columns[f"{side}_labels"][i].tolist()
+            (trained,) = _label_runs(labels)
+            if ids != encode_text(tokenizer, prompt_text + answer_text) or \
+                    not _same_text(tokenizer.decode(trained), answer_text) or labels[-1] == IGNORE_INDEX:
+                wrong.append((pair.origin, side))
+    assert wrong[:3] == []
