@@ -12,7 +12,7 @@ Everything is re-exported here, so `from orchestrator.config import PipelineConf
 """
 from orchestrator.config.model import TinyModelConfig, ModelConfig, TokenizerTrainingConfig, TokenizerConfig  # noqa: F401
 from orchestrator.config.data import CANONICAL_FIELDS, RecordShape, RoleTagsConfig, PrefixedTurnsConfig, DataSourceConfig, ReplayConfig, DataConfig, template_keys  # noqa: F401
-from orchestrator.config.train import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_LR_PROMPT, FULL_WEIGHT_METHODS, ADAPTER_METHODS, MERGEABLE_METHODS, PROMPT_METHODS, LoraConfig, AdaLoraSettings, PromptLearningConfig, FreezeConfig, TrainConfig  # noqa: F401
+from orchestrator.config.train import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_LR_PROMPT, FULL_WEIGHT_METHODS, ADAPTER_METHODS, MERGEABLE_METHODS, PROMPT_METHODS, LoraConfig, AdaLoraSettings, PromptLearningConfig, FreezeConfig, TrainConfig, resolve_precision  # noqa: F401
 from orchestrator.config.distributed import DistributedConfig, ModelTaskConfig  # noqa: F401
 from orchestrator.config.checkpoint import (  # noqa: F401
     CheckpointConfig, NodeCacheConfig, S3Config, StorageConfig, s3_settings,

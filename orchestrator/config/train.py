@@ -31,6 +31,21 @@ MERGEABLE_METHODS = ("lora", "adalora")  # adapters that fold into the weights
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # virtual tokens: served as adapters
 
 
+def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool) -> str:
+    """What `train.precision` means on this hardware: 'auto' → bf16 on GPUs that support it, fp16 (with loss
+    scaling) on older GPUs, fp32 on CPU. The trainer, the workers and the memory planner all read it here."""
+    if requested == "auto":
+        if not use_gpu:
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "fp16" and not use_gpu:
+        raise ConfigError("train.precision=fp16 needs GPUs (distributed.use_gpu=true): DeepSpeed refuses fp16 on "
+                          "CPU; use bf16 (supported on CPU) or fp32")
+    if requested == "bf16" and use_gpu and not bf16_supported:
+        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")
+    return requested
+
+
 class LoraConfig(Section):
     """LoRA adapter settings (peft)."""
 

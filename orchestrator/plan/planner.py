@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from orchestrator.config import PipelineConfig, apply_overrides, config_from_dict
+from orchestrator.config import PipelineConfig, apply_overrides, config_from_dict, resolve_precision
 from orchestrator.errors import ConfigError
 from orchestrator.plan.memory import GIB, PRECISIONS, MemoryBreakdown, estimate_memory, precision_bytes
 from orchestrator.plan.model_shape import (
@@ -366,11 +366,11 @@ def setup_for_stage(
     )
     if method is not None:
         spec = method_from_name(method, spec)
-    resolved = train.precision
-    if resolved == "auto":
-        resolved = "bf16" if dist.use_gpu else "fp32"
+    # Training's own reading of the setting, on a GPU with bf16 (A100/H100; older GPUs train fp16, planned alike)
+    resolved = resolve_precision(train.precision, dist.use_gpu, bf16_supported=True)
+    if train.precision == "auto":
         notes.append(f"{stage}.train.precision=auto read as {resolved} (distributed.use_gpu={dist.use_gpu})")
-    elif resolved == "fp16":
+    if resolved == "fp16":
         resolved = "bf16"
         notes.append("fp16 mixed precision keeps the same copies as bf16 mixed; planned as bf16")
     if precision is not None:

@@ -14,20 +14,6 @@ from orchestrator.errors import ConfigError
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
-def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool) -> str:
-    """'auto' → bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
-    if requested == "auto":
-        if not use_gpu:
-            return "fp32"
-        return "bf16" if bf16_supported else "fp16"
-    if requested == "fp16" and not use_gpu:
-        raise ConfigError("train.precision=fp16 needs GPUs (distributed.use_gpu=true): DeepSpeed refuses fp16 on "
-                          "CPU; use bf16 (supported on CPU) or fp32")
-    if requested == "bf16" and use_gpu and not bf16_supported:
-        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")
-    return requested
-
-
 def build_deepspeed_config(train: TrainConfig, dist: DistributedConfig, world_size: int, precision: str,
                            user_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The DeepSpeed config for one stage: batch arithmetic stated in full, ZeRO stage, offload, precision, AdamW.

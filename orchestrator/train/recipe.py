@@ -44,7 +44,8 @@ from orchestrator.model.loading import full_numel, full_shape, load_tokenizer
 from orchestrator import checkpoint as ckpt
 from orchestrator import node_cache
 from orchestrator.train.context import RayTrainContext, TrainContext
-from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from orchestrator.config import resolve_precision
+from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.tracking import TrackingTarget
 from orchestrator.train.metrics_log import MetricsLog
 from orchestrator.train.model_setup import adalora_update, build_training_model, zero3_partitioned_loading

@@ -21,7 +21,8 @@ from orchestrator.data.prepare import PreparedData
 from orchestrator.errors import DataError
 from orchestrator.tracking import TrackingTarget
 from orchestrator.layout import reference_logps_file
-from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config, resolve_precision
+from orchestrator.config import resolve_precision
+from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config
 from orchestrator.train.metrics_log import follow_metrics
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 

@@ -6,7 +6,8 @@ import pytest
 
 from orchestrator.config import DistributedConfig, TrainConfig
 from orchestrator.errors import ConfigError
-from orchestrator.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from orchestrator.config import resolve_precision
+from orchestrator.train.deepspeed_config import build_deepspeed_config
 
 
 def _ds(world_size=1, precision="fp32", train=None, **dist):
