@@ -48,6 +48,10 @@ class DistributedConfig(Section):
         "with every checkpoint.",
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train attempts (-1 = unlimited).")
+    collective_timeout_s: int = Field(
+        1800, gt=0, description="Timeout of the workers' collectives (torch.distributed, NCCL/gloo): longer than the "
+        "slowest checkpoint save, when every rank waits for the one that writes (a 7B ZeRO-3 save gathers and uploads "
+        "GBs).")
     model_tasks: ModelTaskConfig = Field(
         default_factory=ModelTaskConfig, description="Where exports (LoRA merges) run: a Ray task with these "
         "resources, so the driver (the head node) never holds the model."

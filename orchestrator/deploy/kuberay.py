@@ -153,6 +153,7 @@ def _group_findings(group: dict[str, Any], at: tuple[PathPart, ...], facts: Proj
                 findings.append(Finding(where + ("env", env_index, "value"), INLINE_CREDENTIAL))
     image = facts.image
     ray_container = containers[0]
+    findings += _shared_memory_findings(pod, ray_container, pod_at)
     if image is not None and image.workdir and ray_container.get("workingDir", image.workdir) != image.workdir:
         findings.append(Finding(pod_at + ("containers", 0, "workingDir"),
                                 f"{ray_container['workingDir']!r}; the image has the project in {image.workdir} "
@@ -161,6 +162,51 @@ def _group_findings(group: dict[str, Any], at: tuple[PathPart, ...], facts: Proj
     if image is not None and image.user and user is not None and str(user) != image.user.split(":")[0]:
         findings.append(Finding(pod_at + ("securityContext", "runAsUser"),
                                 f"{user}; the image's files belong to user {image.user} (Dockerfile USER)"))
+    return findings
+
+
+def _requests_gpus(container: dict[str, Any]) -> bool:
+    resources = container.get("resources") or {}
+    return any(str(key).endswith("/gpu") for part in ("requests", "limits") for key in (resources.get(part) or {}))
+
+
+def _mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath → the volume mounted there, for one container of a pod."""
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    return {m.get("mountPath"): volumes.get(m.get("name"), {}) for m in container.get("volumeMounts") or []}
+
+
+def _shared_memory_findings(pod: dict[str, Any], container: dict[str, Any], pod_at: tuple[PathPart, ...]) -> list[Finding]:
+    """A GPU container needs a memory-backed /dev/shm: NCCL's transport buffers outgrow the runtime's 64 MB."""
+    if not _requests_gpus(container):
+        return []
+    shm = _mounts(pod, container).get("/dev/shm")
+    if shm is None or (shm.get("emptyDir") or {}).get("medium") != "Memory":
+        return [Finding(pod_at + ("containers", 0, "volumeMounts"),
+                        "a GPU container without a memory-backed /dev/shm: NCCL needs more shared memory than the "
+                        "container runtime's 64 MB; mount an emptyDir {medium: Memory} volume at /dev/shm")]
+    return []
+
+
+def node_cache_findings(spec: dict[str, Any], cache_dir: Optional[str], at: tuple[PathPart, ...]) -> list[Finding]:
+    """The config's storage.node_cache.dir must be a volume in every worker pod, not the container's own layer
+    (size-limited, and gone with the container)."""
+    if not cache_dir:
+        return []
+    findings = []
+    for index, group in enumerate(spec.get("workerGroupSpecs") or []):
+        pod = _pod_spec(group)
+        containers = pod.get("containers") or []
+        if not containers:
+            continue
+        mounted = [path for path in _mounts(pod, containers[0]) if isinstance(path, str) and
+                   (cache_dir == path or cache_dir.startswith(path.rstrip("/") + "/"))]
+        if not mounted:
+            findings.append(Finding(at + ("workerGroupSpecs", index, "template", "spec", "containers", 0,
+                                          "volumeMounts"),
+                                    f"nothing is mounted at storage.node_cache.dir {cache_dir!r} of the job's config: "
+                                    "the node cache would fill the container's own layer; mount a volume on the "
+                                    "node's local disk there"))
     return findings
 
 
@@ -205,8 +251,10 @@ def job_findings(spec: dict[str, Any], facts: ProjectFacts) -> list[Finding]:
         findings += cluster_findings(cluster, ("spec", "rayClusterSpec"), facts)
     if "runtimeEnvYAML" in spec:
         findings += runtime_env_findings(spec["runtimeEnvYAML"], ("spec", "runtimeEnvYAML"))
-    findings += entrypoint_findings(spec.get("entrypoint"), ("spec", "entrypoint"), facts.root)
-    return findings
+    entry_findings, config = entrypoint_findings(spec.get("entrypoint"), ("spec", "entrypoint"), facts.root)
+    if config is not None and cluster is not None:
+        findings += node_cache_findings(cluster, config.storage.node_cache.dir, ("spec", "rayClusterSpec"))
+    return findings + entry_findings
 
 
 def service_findings(spec: dict[str, Any], facts: ProjectFacts) -> list[Finding]:
@@ -250,30 +298,30 @@ def runtime_env_findings(text: Any, at: tuple[PathPart, ...]) -> list[Finding]:
     return findings
 
 
-def entrypoint_findings(entrypoint: Any, at: tuple[PathPart, ...], root: Path) -> list[Finding]:
-    """`python jobs/<job>.py --config FILE [options] [key=value ...]`, parsed by the job's own CLI, config loaded."""
+def entrypoint_findings(entrypoint: Any, at: tuple[PathPart, ...], root: Path) -> tuple[list[Finding], Any]:
+    """`python jobs/<job>.py --config FILE [options] [key=value ...]`, parsed by the job's own CLI, config loaded:
+    (findings, the loaded config or None)."""
     expected = "expected `python jobs/<job>.py --config FILE [key=value ...]`"
     try:
         words = shlex.split(entrypoint) if isinstance(entrypoint, str) else []
     except ValueError as exc:
-        return [Finding(at, f"cannot be split into words: {exc}")]
+        return [Finding(at, f"cannot be split into words: {exc}")], None
     if len(words) < 2 or words[0] not in ("python", "python3") or not re.fullmatch(r"jobs/\w+\.py", words[1]):
-        return [Finding(at, f"{expected}, got {entrypoint!r}")]
+        return [Finding(at, f"{expected}, got {entrypoint!r}")], None
     script = root / words[1]
     if not script.is_file():
-        return [Finding(at, f"{words[1]} does not exist in {root}")]
+        return [Finding(at, f"{words[1]} does not exist in {root}")], None
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
             args = build_parser().parse_args([script.stem, *words[2:]])
     except SystemExit:
         message = stderr.getvalue().strip().splitlines()
-        return [Finding(at, f"{words[1]} rejects its arguments: {message[-1] if message else 'usage error'}")]
+        return [Finding(at, f"{words[1]} rejects its arguments: {message[-1] if message else 'usage error'}")], None
     config = getattr(args, "config", None)
     if config is None:
-        return [Finding(at, f"{expected}: --config is missing")]
+        return [Finding(at, f"{expected}: --config is missing")], None
     try:
-        load_config(root / config, getattr(args, "overrides", []))
+        return [], load_config(root / config, getattr(args, "overrides", []))
     except ConfigError as exc:
-        return [Finding(at, f"its config does not load: {exc}")]
-    return []
+        return [Finding(at, f"its config does not load: {exc}")], None

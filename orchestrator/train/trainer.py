@@ -167,7 +167,7 @@ def fit_stage(
         # Eval is not split: every worker evaluates the whole (small) held-out set, which keeps
         # ZeRO-3's collective forward passes in step across workers.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo", timeout_s=dist.collective_timeout_s),
     )
     log.info("%s: fitting with %d workers, schedule %s", stage, dist.num_workers, schedule)
     with progress.step(f"{stage}: train", total=schedule.total_steps, unit="step") as bar, \

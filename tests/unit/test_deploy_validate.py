@@ -76,6 +76,12 @@ def test_production_overlay_has_the_promised_shape(overlays, facts):
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert {e["name"] for e in container["env"]} >= {"NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+    # the node cache of the jobs' config is a volume of the worker pods (on the node's disk, not the container's)
+    from orchestrator.config import load_config
+
+    config = load_config(REPO_ROOT / "configs" / "cluster-a100.yaml")
+    assert {"name": "node-cache", "mountPath": config.storage.node_cache.dir} in container["volumeMounts"]
+    assert config.distributed.collective_timeout_s >= 3600  # a 7B ZeRO-3 save fits inside the collectives' timeout
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert "eks.amazonaws.com/role-arn" in a100["ServiceAccount/ray-llm"]["metadata"]["annotations"]
     for name in ("pretrain", "sft", "pipeline", "tune"):
@@ -187,6 +193,33 @@ def test_semantic_checks_name_the_field(overlays, facts, key, change, path, mess
     matching = [f for f in findings if field_path(f.parts) == path]
     assert matching, paths_of(findings)
     assert message in matching[0].message, matching[0].message
+
+
+WORKER_AT = "spec.rayClusterSpec.workerGroupSpecs[0].template.spec"
+
+
+def _worker_pod(spec):
+    return spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+def _drop_mount(spec, name):
+    pod = _worker_pod(spec)
+    pod["containers"][0]["volumeMounts"] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] != name]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: _drop_mount(s, "dshm"), "a GPU container without a memory-backed /dev/shm"),
+    (lambda s: _worker_pod(s)["volumes"][0]["emptyDir"].pop("medium"), "a GPU container without a memory-backed"),
+    (lambda s: _drop_mount(s, "node-cache"),
+     "nothing is mounted at storage.node_cache.dir '/mnt/node-cache' of the job's config"),
+])
+def test_multi_node_needs_are_checked_on_the_gpu_workers(overlays, facts, change, message):
+    resource = copy.deepcopy(overlays["a100"]["RayJob/llm-pretrain"])
+    assert resource_findings(resource, facts) == []
+    change(resource["spec"])
+    findings = resource_findings(resource, facts)
+    matching = [f for f in findings if field_path(f.parts) == f"{WORKER_AT}.containers[0].volumeMounts"]
+    assert matching and message in matching[0].message, paths_of(findings)
 
 
 def test_crd_schema_applies_the_api_servers_rules(kuberay_crds, overlays):
