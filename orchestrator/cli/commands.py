@@ -74,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
                             do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty))
         return 0
-    from orchestrator.cli.output import log_to_file, run_summary
+    from orchestrator.cli.output import run_log, run_summary
     from orchestrator.layout import RunLayout
     from orchestrator.pipeline import PipelineResult, run_pipeline
     from orchestrator.runtime import check_storage_outlives_job
@@ -82,11 +82,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
     check_storage_outlives_job(config.checkpoint)
-    log_to_file(RunLayout.of(config).driver_log)
-    if args.command == "pipeline":
-        result = run_pipeline(config, args.address)
-    else:
-        result = PipelineResult([run_stage(config, args.command, ray_address=args.address)])
+    with run_log(RunLayout.of(config)):
+        if args.command == "pipeline":
+            result = run_pipeline(config, args.address)
+        else:
+            result = PipelineResult([run_stage(config, args.command, ray_address=args.address)])
     print("\n".join(run_summary(config, result)))
     return 0
 
@@ -118,7 +118,7 @@ def _vocab(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from orchestrator.config import STAGES, load_config
-    from orchestrator.cli.output import log_to_file
+    from orchestrator.cli.output import run_log
     from orchestrator.errors import ConfigError
     from orchestrator.layout import RunLayout
     from orchestrator.runtime import check_storage_outlives_job
@@ -127,12 +127,12 @@ def _tune(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides + (["plan.strict=true"] if args.strict else []))
     check_storage_outlives_job(config.checkpoint)
-    log_to_file(RunLayout.of(config).driver_log)
     stages = args.stage or config.tune.stages or [name for name in STAGES if getattr(config, name) is not None]
     if len(stages) > 1 and not (args.stage or config.tune.stages):
         raise ConfigError("the config has both stages; say which to sweep with --stage (or tune.stages)")
     for stage in stages:
-        result = run_sweep(config, stage, ray_address=args.address)
+        with run_log(RunLayout.of(config)):
+            result = run_sweep(config, stage, ray_address=args.address)
         print(f"\n{stage} sweep{' (resumed)' if result.resumed else ''}: {len(result.rows)} trials in "
               f"{result.wall_seconds:.1f} s")
         print(format_table(result.rows, config.tune.metric))

@@ -6,15 +6,18 @@ Either way every log line of the driver also goes to the run's `logs/driver.log`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any, Callable, Optional, TextIO
+import time
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 from orchestrator import progress
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _file_handlers: dict[str, logging.Handler] = {}
+_STARTED = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 # Libraries that draw on the console themselves: transformers' own handler bypasses ours; tqdm bars of
 # libraries (weights loading, Ray Data) are off (ours pass disable=False). Train workers on a local cluster
 # inherit these.
@@ -124,6 +127,45 @@ def log_to_file(path: str) -> None:
     _file_handlers[path] = handler
 
 
+@contextlib.contextmanager
+def run_log(layout: Any) -> Iterator[None]:
+    """Every log line of a command on a run goes to the run's driver log. On remote storage the file
+    is written in local scratch and copied to `<run>/logs/driver-<UTC time>-<pid>.log` when the command
+    ends, failed or not: the log of a run stays with the run."""
+    log_to_file(layout.driver_log)
+    try:
+        yield
+    finally:
+        if layout.is_remote:
+            keep_driver_log(layout)
+
+
+def remote_driver_log(layout: Any) -> str:
+    """Where this process's driver log goes on remote storage (one file per command run)."""
+    from orchestrator import storage
+
+    return storage.join(layout.root, "logs", f"driver-{_STARTED}-{os.getpid()}.log")
+
+
+def keep_driver_log(layout: Any) -> Optional[str]:
+    """Copy the driver log to the run's remote logs/ (see run_log); returns its URI (None: nothing logged)."""
+    from orchestrator import storage
+
+    handler = _file_handlers.get(layout.driver_log)
+    if handler is not None:
+        handler.flush()
+    if not os.path.exists(layout.driver_log):
+        return None
+    target = remote_driver_log(layout)
+    try:
+        with open(layout.driver_log, "rb") as handle:
+            storage.write_bytes(target, handle.read())
+    except Exception as exc:  # the command's own outcome matters more than its log's copy
+        logging.getLogger("orchestrator.cli").warning("could not copy the driver log to %s: %s", target, exc)
+        return None
+    return target
+
+
 class ProgressBars:
     """A progress.Listener: a live bar per step on a terminal, one line per finished step otherwise."""
 
@@ -179,8 +221,12 @@ def stage_summary(result: Any) -> list[str]:
 
 def outputs_summary(layout: Any, eval_report: Optional[str] = None, tracking: Optional[str] = None) -> list[str]:
     """Where the rest of a run went: logs, the evaluation report, the tracking runs."""
-    lines = [f"run         {layout.root}", f"logs        {layout.logs_root}/  (metrics.jsonl, TensorBoard, "
-             "worker logs, driver.log)"]
+    lines = [f"run         {layout.root}"]
+    if layout.is_remote:
+        lines.append(f"logs        {remote_driver_log(layout)}  (metrics.jsonl, TensorBoard and worker logs "
+                     "travel in each checkpoint)")
+    else:
+        lines.append(f"logs        {layout.logs_root}/  (metrics.jsonl, TensorBoard, worker logs, driver.log)")
     if eval_report:
         lines.append(f"eval report {eval_report}")
     if tracking:

@@ -83,3 +83,29 @@ def test_runs_list_and_show_on_s3(s3_server, tmp_path, capsys):
                                          secret_access_key=SECRET_KEY))
     storage.upload_dir(str(tmp_path / "runs"), f"s3://{BUCKET}/glance")
     check_listing(capsys, f"s3://{BUCKET}/glance", "--config", str(config))
+
+
+def test_the_driver_log_of_a_remote_run_is_kept_with_the_run(s3_server, capsys):
+    """On S3 the driver log is written in local scratch; when the command ends, failed or not, it is
+    copied to <run>/logs/driver-<time>-<pid>.log, which the closing summary names."""
+    import logging
+
+    from orchestrator.cli.output import configure_output, outputs_summary, remote_driver_log, run_log
+    from orchestrator.layout import RunLayout
+
+    storage.configure(storage.S3Settings(endpoint_url=s3_server.endpoint, region=REGION, access_key_id=ACCESS_KEY,
+                                         secret_access_key=SECRET_KEY))
+    layout = RunLayout(f"s3://{BUCKET}/logged", "failing")
+    restore = configure_output(verbose=False)  # as the CLI's main does
+    try:
+        with pytest.raises(RuntimeError):
+            with run_log(layout):
+                logging.getLogger("orchestrator.train").info("pretrain: fitting with 2 workers")
+                raise RuntimeError("the worker group died")
+    finally:
+        restore()
+    target = remote_driver_log(layout)
+    assert target.startswith(f"s3://{BUCKET}/logged/failing/logs/driver-")
+    assert "pretrain: fitting with 2 workers" in storage.read_bytes(target).decode("utf-8")
+    assert f"logs        {target}  (metrics.jsonl, TensorBoard and worker logs travel in each checkpoint)" \
+        in outputs_summary(layout)
