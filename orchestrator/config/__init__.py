@@ -11,7 +11,7 @@ Every field carries a description; that text is the reference documentation
 Everything is re-exported here, so `from orchestrator.config import PipelineConfig` works.
 """
 from orchestrator.config.model import TinyModelConfig, ModelConfig, TokenizerTrainingConfig, TokenizerConfig  # noqa: F401
-from orchestrator.config.data import CANONICAL_FIELDS, RecordShape, RoleTagsConfig, PrefixedTurnsConfig, DataSourceConfig, ReplayConfig, DataConfig, template_keys  # noqa: F401
+from orchestrator.config.data import CANONICAL_FIELDS, RecordShape, RoleTagsConfig, PrefixedTurnsConfig, DataSourceConfig, ReplayConfig, PrepareConfig, DataConfig, template_keys  # noqa: F401
 from orchestrator.config.train import DEFAULT_LR_FULL, DEFAULT_LR_LORA, DEFAULT_LR_PROMPT, FULL_WEIGHT_METHODS, ADAPTER_METHODS, MERGEABLE_METHODS, PROMPT_METHODS, LoraConfig, AdaLoraSettings, PromptLearningConfig, FreezeConfig, TrainConfig, resolve_precision  # noqa: F401
 from orchestrator.config.distributed import DistributedConfig, ModelTaskConfig  # noqa: F401
 from orchestrator.config.checkpoint import (  # noqa: F401

@@ -194,6 +194,28 @@ class ReplayConfig(Section):
                          "source (tokens in stage 1, examples in stage 2), sampled with the shuffle seed.")
 
 
+class PrepareConfig(Section):
+    """How a stage's data is prepared on the cluster (Ray Data): read tasks, then a pool of tokenizer actors.
+
+    These settings change how fast the shard set is made, never its rows: they are not part of the cache key.
+    """
+
+    unit_mb: float = Field(
+        64.0, gt=0, description="Source megabytes per prepare unit: one read task and one train shard each "
+        "(a unit is a run of whole files; smaller units spread a small corpus over more tasks).",
+    )
+    tokenizer_actors: int = Field(
+        2, ge=1, description="Most tokenizer actors in the pool (each loads the tokenizer once); the pool starts "
+        "with one and grows while CPUs are free, so read tasks always find a CPU.",
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each tokenizer actor holds.")
+    cpus_per_read_task: float = Field(1.0, gt=0, description="CPUs each read/validate/convert task holds.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources every prepare task and actor needs, to keep them "
+        "on a labelled CPU pool, e.g. {data_cpu: 1}.",
+    )
+
+
 class DataConfig(Section):
     """What a stage trains on and how it is turned into tokens."""
 
@@ -224,6 +246,8 @@ class DataConfig(Section):
         True, description="Stage 1: SFT sources (alpaca, multiturn, sharegpt) are flattened into plain documents."
     )
     shuffle_seed: int = Field(42, description="Seed for the train/eval split and the per-epoch shuffle.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="Stages 1 and 2: how the data is "
+                                   "prepared on the cluster (the cached shard set is the same whatever these are).")
     replay: list[ReplayConfig] = Field(
         default_factory=list, description="Earlier data mixed into the training set (not the evaluation set), "
         "e.g. general instructions or stage-1 documents; the realised shares are logged and kept in the data stats.",

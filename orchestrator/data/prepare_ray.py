@@ -1,0 +1,234 @@
+"""A stage's data prepared on the cluster with Ray Data and cached as a shard set (stages 1 and 2).
+
+The driver lists the source files (names and sizes only), computes the cache key
+(orchestrator.data.fingerprint) and looks for a complete shard set under `<run>/data/<stage>/<key>/`.
+On a miss it runs one Ray Data pipeline over the prepare units (orchestrator.data.units):
+
+    from_items(units) → read tasks (read, validate, convert: units.read_unit)
+                      → tokenizer actors (one tokenizer each; units.tokenize_unit writes the unit's shards)
+                      → per-unit summaries (counts, bad records, shard descriptions; never rows)
+
+and writes the manifest last, from the summaries: a prepare cut off midway leaves no manifest and is
+never used. The driver never holds the corpus, only one small summary per unit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from orchestrator import storage
+from orchestrator.config import DataConfig, NodeCacheConfig
+from orchestrator.data.fingerprint import Fingerprint, compute_fingerprint, describe_change, file_identity, id_settings
+from orchestrator.data.readers import SUPPORTED_SUFFIXES
+from orchestrator.data.shapes import resolve_dataset, shape_inputs
+from orchestrator.data.shards import ShardManifest, complete_sets, read_manifest, write_manifest
+from orchestrator.data.templates import select_template
+from orchestrator.data.units import Unit, merge_summaries, plan_units, read_unit, tokenize_unit
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SHARDED_STAGES = ("pretrain", "sft")
+
+
+@dataclass(frozen=True)
+class PreparedShards:
+    """A complete shard set of a stage: where it is, its manifest, and how this call got it."""
+
+    set_uri: str
+    manifest: ShardManifest
+    reused: bool  # True: a complete set with this key existed, nothing was prepared
+    change: str = ""  # what changed since the latest earlier set of the stage ("" if none or reused)
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # node ids of the read tasks and tokenizer actors
+    seconds: float = 0.0
+    driver_bytes: int = 0  # what the driver received from the tasks (summaries, never rows)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.manifest.stats
+
+    @property
+    def train_rows(self) -> int:
+        return self.manifest.rows("train")
+
+    @property
+    def eval_rows(self) -> int:
+        return self.manifest.rows("eval")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_rows > 0
+
+
+def expand_sources(data: DataConfig) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(source path → its files, in order) for every source and eval source (registry datasets resolved), and
+    the shape inputs (dataset registries, transform modules) that are part of the cache key."""
+    expanded: dict[str, list[str]] = {}
+    shape_files: dict[str, str] = {}
+    for source in [*data.sources, *data.eval_sources]:
+        shape_files.update(shape_inputs(source))
+        resolved = resolve_dataset(source)
+        expanded[resolved.path] = storage.expand(resolved.path, SUPPORTED_SUFFIXES)
+    return expanded, shape_files
+
+
+def stage_fingerprint(stage: str, data: DataConfig, expanded: dict[str, list[str]], shape_files: dict[str, str],
+                      tokenizer_dir: str) -> Fingerprint:
+    """The cache key of a stage's shard set: file identities (size + sha256, or S3 size + ETag), the tokenizer's
+    files (weights excluded) and the settings that change ids."""
+    files = {uri: file_identity(uri) for uri in sorted({u for group in expanded.values() for u in group})}
+    files.update({f"shape:{name}": value for name, value in shape_files.items()})
+    from orchestrator.model.loading import WEIGHT_SUFFIXES  # torch: not in the read tasks' processes
+    tokenizer = {}
+    for root, _, names in os.walk(tokenizer_dir):
+        for name in sorted(names):
+            if not name.endswith(WEIGHT_SUFFIXES):
+                path = os.path.join(root, name)
+                tokenizer[os.path.relpath(path, tokenizer_dir)] = file_identity(path)
+    return compute_fingerprint(stage, files, tokenizer, id_settings(stage, data))
+
+
+def prepare_stage_shards(stage: str, data: DataConfig, tokenizer_uri: str, tokenizer_dir: str, stage_data_uri: str,
+                         node_cache: Optional[NodeCacheConfig] = None) -> PreparedShards:
+    """The shard set of `stage` (pretrain or sft) under `stage_data_uri`: reused when one with the same key is
+    complete, else prepared on the Ray cluster (connected already, or a local one is started).
+
+    `tokenizer_uri`: what the actors load (local or remote); `tokenizer_dir`: a local copy of its files (the key).
+    Raises DataError / DataValidationError (every task's bad records in one report) before anything is marked
+    complete.
+    """
+    if stage not in SHARDED_STAGES:
+        raise ValueError(f"prepare_stage_shards: stage {stage!r}; shard sets are made for {SHARDED_STAGES}")
+    if not data.sources:
+        raise DataError(f"{stage}.data.sources is empty; list at least one file, directory, glob or URI")
+    if data.replay:
+        raise DataError(f"{stage}.data.replay is not supported by the distributed prepare yet; "
+                        "remove data.replay (see the README's data section)")
+    started = time.perf_counter()
+    expanded, shape_files = expand_sources(data)
+    fingerprint = stage_fingerprint(stage, data, expanded, shape_files, tokenizer_dir)
+    set_uri = storage.join(stage_data_uri, fingerprint.key)
+    manifest = read_manifest(set_uri)
+    if manifest is not None:
+        log.info("%s data: prepared nothing; reusing the shard set %s (%d train rows, %d eval rows)", stage, set_uri,
+                 manifest.rows("train"), manifest.rows("eval"))
+        return PreparedShards(set_uri, manifest, reused=True, seconds=time.perf_counter() - started)
+    earlier = complete_sets(stage_data_uri)
+    change = describe_change(earlier[0].inputs, fingerprint.inputs) if earlier else ""
+    if change:
+        log.info("%s data: preparing anew, the inputs changed since %s: %s", stage, earlier[0].fingerprint, change)
+    if storage.list_files(set_uri):
+        log.info("%s data: %s holds an incomplete prepare (no manifest); preparing it again", stage, set_uri)
+    sizes = _file_sizes([uri for group in expanded.values() for uri in group])
+    units = plan_units(data, expanded, sizes, int(data.prepare.unit_mb * 2**20))
+    summaries = run_units(stage, data, units, tokenizer_uri, set_uri, node_cache or NodeCacheConfig())
+    driver_bytes = len(json.dumps(summaries))
+    nodes = {"read": sorted({s.pop("read_node") for s in summaries}),
+             "tokenize": sorted({s.pop("tokenize_node") for s in summaries})}
+    manifest = merge_summaries(summaries, stage, data, fingerprint.key, fingerprint.inputs)
+    write_manifest(set_uri, manifest)  # last: the set is complete from here on
+    manifest = read_manifest(set_uri)
+    if manifest is None:
+        raise DataError(f"{set_uri}: the shard set does not match the manifest just written; "
+                        "is another prepare writing the same set?")
+    seconds = time.perf_counter() - started
+    log.info("%s data: prepared %d units on %d node(s) in %.1f s into %s: %s", stage, len(units),
+             len(set(nodes["read"]) | set(nodes["tokenize"])), seconds, set_uri,
+             ", ".join(f"{k}={v}" for k, v in manifest.stats.items() if k not in ("files", "bad_records_listed")))
+    for listed in manifest.stats.get("bad_records_listed", []):
+        log.warning("skipped bad record: %s", listed)
+    return PreparedShards(set_uri, manifest, reused=False, change=change, nodes=nodes, seconds=seconds,
+                          driver_bytes=driver_bytes)
+
+
+def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: str, set_uri: str,
+              node_cache: NodeCacheConfig) -> list[dict[str, Any]]:
+    """Every unit through Ray Data: read tasks, then the tokenizer actor pool; the per-unit summaries come back."""
+    import ray
+    import ray.data
+
+    from orchestrator.runtime import ensure_ray
+
+    ensure_ray()
+    settings = ray.put(storage.current_settings())  # credentials through the object store, not in task specs
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    prepare = data.prepare
+    rows = [{"unit": json.dumps(asdict(unit))} for unit in units]
+    summaries = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Read tasks are spread over every node with CPUs. The actors' other scheduling strategy also keeps Ray
+        # Data from fusing the reads into the tokenizer actors (which would cap reading at the number of actors).
+        .map(_read_unit_row, fn_kwargs={"stage": stage, "data": data, "settings": settings},
+             num_cpus=prepare.cpus_per_read_task, resources=prepare.resources or None, scheduling_strategy="SPREAD")
+        .map(_TokenizeUnits, fn_constructor_kwargs={"stage": stage, "data": data, "tokenizer_uri": tokenizer_uri,
+                                                    "set_uri": set_uri, "settings": settings,
+                                                    "node_cache": node_cache},
+             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(prepare.tokenizer_actors, len(units)))),
+             num_cpus=prepare.cpus_per_actor, resources=prepare.resources or None, scheduling_strategy="DEFAULT")
+        .take_all()
+    )
+    if len(summaries) != len(units):
+        raise DataError(f"{set_uri}: {len(summaries)} of {len(units)} prepare units came back")
+    return summaries
+
+
+def _read_unit_row(row: dict[str, Any], stage: str, data: DataConfig, settings: Any) -> dict[str, Any]:
+    """Ray Data task: one unit read, validated and converted (its items travel on to a tokenizer actor)."""
+    import ray
+
+    storage.configure(ray.get(settings) if isinstance(settings, ray.ObjectRef) else settings)
+    raw = json.loads(row["unit"])
+    unit = Unit(raw["index"], raw["role"], raw["source"], tuple(raw["files"]))
+    return {**read_unit(unit, stage, data), "read_node": ray.get_runtime_context().get_node_id()}
+
+
+class _TokenizeUnits:
+    """Ray Data actor: loads the tokenizer once, tokenizes and packs (stage 1) or masks (stage 2) read units and
+    writes their shards; hands back each unit's summary without its rows."""
+
+    def __init__(self, stage: str, data: DataConfig, tokenizer_uri: str, set_uri: str, settings: Any,
+                 node_cache: NodeCacheConfig):
+        import ray
+
+        from orchestrator.model.loading import fetch_tokenizer, load_tokenizer
+
+        storage.configure(ray.get(settings) if isinstance(settings, ray.ObjectRef) else settings)
+        self.stage, self.data, self.set_uri = stage, data, set_uri
+        if storage.is_remote(tokenizer_uri):
+            self._tmp = tempfile.TemporaryDirectory(prefix="prepare-tokenizer-")
+            self.tokenizer = fetch_tokenizer(tokenizer_uri, self._tmp.name)
+        else:
+            self.tokenizer = load_tokenizer(storage.local_path(tokenizer_uri))
+        self.template = select_template(data.template, self.tokenizer) if stage == "sft" else None
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {**row, "items": list(row["items"]), "parts": list(row["parts"])}
+        summary = tokenize_unit(row, self.stage, self.data, self.tokenizer, self.template, self.set_uri)
+        return {**summary, "read_node": row["read_node"], "tokenize_node": self.node}
+
+
+def _file_sizes(uris: list[str]) -> dict[str, int]:
+    """Size of every file (one listing call per filesystem)."""
+    import pyarrow.fs as pafs
+
+    sizes: dict[str, int] = {}
+    by_fs: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+    for uri in uris:
+        fs, path = storage.resolve(uri)
+        by_fs.setdefault(id(type(fs)), (fs, []))[1].append((uri, path))
+    for fs, pairs in by_fs.values():
+        infos = fs.get_file_info([path for _, path in pairs])
+        for (uri, _), info in zip(pairs, infos):
+            if info.type != pafs.FileType.File:
+                raise DataError(f"{uri}: no such file (it was listed a moment ago)")
+            sizes[uri] = int(info.size)
+    return sizes
