@@ -82,7 +82,7 @@ def _run(root: Path, base: Path, name: str, train: TrainConfig, rows: list[dict]
         base_model=str(base), tokenizer=str(base),
         schedule=schedule_for(len(rows), 1, train.micro_batch_size, 1, 1),
         stage_uri=str(run_dir / stage), logs_dir=str(run_dir / "logs"), logs_into_checkpoints=False,
-        has_eval=False, prebatched=False, reference_logps_uri=str(run_dir / "reference.json"),
+        has_eval=False, reference_logps_uri=str(run_dir / "reference.json"),
     )
     (run_dir / stage).mkdir()
     context = LocalTrainContext(storage_dir=str(run_dir / stage),

@@ -50,6 +50,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "tune":
         return _tune(args)
+    if args.command in ("prepare", "data"):
+        return _prepare(args)
     if args.command == "vocab":
         return _vocab(args)
     if args.command in ("k8s", "cluster"):
@@ -113,6 +115,35 @@ def _vocab(args: argparse.Namespace) -> int:
         samples = [DataSourceConfig(path=p, text_unit=args.sample_text_unit) for p in args.sample]
         report = merge_vocabulary(args.base_tokenizer, args.domain, args.out, samples, args.max_terms)
     print(json.dumps(report, ensure_ascii=False, indent=1))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """`orchestrator prepare` (the manifest's summary per stage) and `orchestrator data inspect` (rows decoded)."""
+    from orchestrator.cli.output import log_to_file
+    from orchestrator.config import load_config
+    from orchestrator.data.inspect import decoded_rows
+    from orchestrator.errors import ConfigError
+    from orchestrator.layout import RunLayout
+    from orchestrator.train.stage import prepare_stages
+
+    config = load_config(args.config, args.overrides)
+    log_to_file(RunLayout.of(config).driver_log)
+    stages = args.stage or [name for name in ("pretrain", "sft") if getattr(config, name) is not None]
+    if not stages:
+        raise ConfigError("the config has no pretrain or sft stage; only those prepare a shard set")
+    for prepared in prepare_stages(config, stages, args.address):
+        stage, data = prepared.stage, prepared.data
+        if args.command == "prepare":
+            summary = {"stage": stage, "shard_set": data.set_uri, "prepared": "nothing (cached)" if data.reused
+                       else f"{len(data.manifest.shards)} shards in {data.seconds:.1f} s",
+                       "changed": data.change or None, "train_rows": data.train_rows, "eval_rows": data.eval_rows,
+                       "stats": {k: v for k, v in data.stats.items() if k not in ("files", "bad_records_listed")}}
+            print(json.dumps(summary, ensure_ascii=False, indent=1))
+            continue
+        print(f"{stage} ({args.part} rows) from {data.set_uri}:")
+        for row_id, text in decoded_rows(data.set_uri, data.manifest, prepared.tokenizer(), args.n, args.part):
+            print(f"\n--- row {row_id} ---\n{text}")
     return 0
 
 

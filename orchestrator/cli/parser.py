@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("pipeline", "every configured stage in order, each on the previous stage's merged model"),
     ):
         _add_config_args(sub.add_parser(name, help=help_text))
+    prepare = sub.add_parser("prepare", help="prepare a stage's data on the Ray cluster into the run's cached shard "
+                             "set, as each stage does first (a rerun with unchanged inputs prepares nothing)")
+    _add_config_args(prepare)
+    prepare.add_argument("--stage", choices=["pretrain", "sft"], action="append",
+                         help="stage(s) to prepare; default: the config's pretrain and sft stages")
+    data_cmd = sub.add_parser("data", help="prepared data").add_subparsers(dest="action", required=True)
+    inspect = data_cmd.add_parser("inspect", help="a few prepared rows decoded, the trained (label) spans marked "
+                                  "⟦…⟧ (prepares first when the cache has no set for the config)")
+    _add_config_args(inspect)
+    inspect.add_argument("--stage", choices=["pretrain", "sft"], action="append",
+                         help="stage(s) to show; default: the config's pretrain and sft stages")
+    inspect.add_argument("-n", type=int, default=3, help="rows to show per stage (default 3)")
+    inspect.add_argument("--part", choices=["train", "eval"], default="train", help="which part (default train)")
     tune_cmd = sub.add_parser("tune", help="sweep a stage's hyperparameters with Ray Tune (the config's `tune:` "
                               "section); running it again resumes an interrupted sweep")
     _add_config_args(tune_cmd)

@@ -140,6 +140,11 @@ class TrainConfig(Section):
         "inductor", description="torch.compile backend: inductor (fused kernels; compiles for minutes on CPU), "
         "aot_eager (graph capture only, fast to compile), or any registered backend."
     )
+    log_row_ids: bool = Field(
+        False, description="Append the ids of the prepared rows each worker trains, micro-batch by micro-batch, to "
+        "logs/<stage>/rows-<rank>.jsonl (stages 1 and 2): which data a model saw, and proof that a resumed run "
+        "trained exactly the rows an uninterrupted one would have.",
+    )
     fail_at_step: Optional[int] = Field(
         None, ge=1, description="Testing aid: raise after this optimizer step (to exercise resume). Never in production."
     )

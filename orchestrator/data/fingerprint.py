@@ -18,7 +18,7 @@ from orchestrator import storage
 from orchestrator.config import DataConfig
 
 # Bumped when the prepared format or the way ids are made changes: old sets stop matching.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 # Settings that shape how rows are read, not which rows exist.
 READ_TIME_SETTINGS = frozenset({"group_by_length", "prepare"})
 STAGE_ONLY_SETTINGS = {"pretrain": frozenset({"max_length", "template", "train_on"}),

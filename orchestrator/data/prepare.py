@@ -41,6 +41,18 @@ class PreparedData:
     def train_tokens(self) -> int:
         return int(self.stats["train_tokens"])
 
+    @property
+    def train_rows(self) -> int:
+        return self.train.num_rows
+
+    @property
+    def eval_rows(self) -> int:
+        return 0 if self.eval is None else self.eval.num_rows
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval is not None
+
 
 def split_eval(items: list, eval_split: float, seed: int) -> tuple[list, list]:
     """Shuffle with `seed` and hold out round(n * eval_split) items (at least 1 when eval_split > 0)."""

@@ -35,6 +35,7 @@ from orchestrator.errors import DataError
 log = logging.getLogger(__name__)
 
 SHARDED_STAGES = ("pretrain", "sft")
+READ_MEMORY_FLOOR = 64 * 2**20  # bytes a read task reserves at least
 
 
 @dataclass(frozen=True)
@@ -161,18 +162,21 @@ def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: st
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     prepare = data.prepare
+    unit_bytes = int(prepare.unit_mb * 2**20)
     rows = [{"unit": json.dumps(asdict(unit))} for unit in units]
     summaries = (
         ray.data.from_items(rows, override_num_blocks=len(rows))
-        # Read tasks are spread over every node with CPUs. The actors' other scheduling strategy also keeps Ray
-        # Data from fusing the reads into the tokenizer actors (which would cap reading at the number of actors).
+        # Ray Data spreads tasks and actors over the nodes. A read task reserves memory for its unit (the file, its
+        # text and the converted items); that also keeps Ray Data from fusing the reads into the tokenizer actors,
+        # which would cap reading at the number of actors.
         .map(_read_unit_row, fn_kwargs={"stage": stage, "data": data, "settings": settings},
-             num_cpus=prepare.cpus_per_read_task, resources=prepare.resources or None, scheduling_strategy="SPREAD")
+             num_cpus=prepare.cpus_per_read_task, memory=max(READ_MEMORY_FLOOR, 4 * unit_bytes),
+             resources=prepare.resources or None)
         .map(_TokenizeUnits, fn_constructor_kwargs={"stage": stage, "data": data, "tokenizer_uri": tokenizer_uri,
                                                     "set_uri": set_uri, "settings": settings,
                                                     "node_cache": node_cache},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(prepare.tokenizer_actors, len(units)))),
-             num_cpus=prepare.cpus_per_actor, resources=prepare.resources or None, scheduling_strategy="DEFAULT")
+             num_cpus=prepare.cpus_per_actor, resources=prepare.resources or None)
         .take_all()
     )
     if len(summaries) != len(units):

@@ -97,3 +97,21 @@ class ShardReader:
             for start in range(0, table.num_rows, batch_size):
                 yield _rows_of(table, np.arange(start, min(start + batch_size, table.num_rows)))
 
+
+class MaterialisedPart:
+    """A small part of a shard set (the evaluation set, small by construction) read whole once, so every
+    evaluation reads it from memory rather than from storage again."""
+
+    def __init__(self, set_uri: str, manifest: ShardManifest, part: str = "eval"):
+        tables = [read_shard(set_uri, shard) for shard in manifest.part(part)]
+        self.table = pa.concat_tables(tables) if tables else None
+
+    @property
+    def total_rows(self) -> int:
+        return 0 if self.table is None else self.table.num_rows
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy") -> Iterator[dict[str, list[np.ndarray]]]:
+        """Every row in stored order, in batches."""
+        for start in range(0, self.total_rows, batch_size):
+            yield _rows_of(self.table, np.arange(start, min(start + batch_size, self.total_rows)))
+

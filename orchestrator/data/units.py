@@ -1,10 +1,10 @@
-"""The pure steps of the distributed prepare, one prepare unit at a time (to be run by Ray Data tasks and
-tokenizer actors; not wired into the stages yet).
+"""The pure steps of the distributed prepare, one prepare unit at a time (run by the Ray Data tasks and
+tokenizer actors of orchestrator.data.prepare_ray).
 
 A unit is a run of consecutive files of one source (at least `unit_bytes`), read by one
 task and written as one train shard (+ one eval shard). Every decision is a function of the record
-alone, so units are independent: a record is held out when a hash of (seed, origin) falls below
-`eval_split`, and a fractional source weight keeps a record by the same kind of hash. Stage 1 packs
+alone, so units are independent: a record is held out when a hash of (seed, its origin inside the
+source) falls below `eval_split`, and a fractional source weight keeps a record by the same kind of hash. Stage 1 packs
 each unit's documents on their own (the incomplete tail block of a unit is dropped and counted);
 stage 2 masks and truncates each conversation as the in-memory path does.
 """
@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
+from orchestrator import storage
 from orchestrator.config import DataConfig, DataSourceConfig
 from orchestrator.data.formats import MAX_ERRORS_LISTED, Conversation, Document, Message, conversation_to_document, convert_record
 from orchestrator.data.pretrain import encode_texts, pack_token_lists
@@ -62,6 +63,15 @@ def hash_share(seed: int, origin: str, salt: str = "") -> float:
     """A number in [0, 1) from (seed, origin): the same for a record wherever it is read."""
     digest = hashlib.sha256(f"{seed}\x00{salt}\x00{origin}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_key(origin: str, source_path: str) -> str:
+    """A record's origin relative to its source (`file:line` inside it): the same files split and weigh the same
+    way wherever they are stored (a local copy, S3)."""
+    base = storage.join(source_path).rstrip("/")
+    if origin.startswith(base + "/"):
+        return origin[len(base) + 1:]
+    return origin.rsplit("/", 1)[-1]  # a single file, or a glob: the file's name
 
 
 def _encode(item: Document | Conversation) -> str:
@@ -124,8 +134,9 @@ def read_unit(unit: Unit, stage: str, data: DataConfig) -> dict[str, Any]:
                     continue
                 records += 1
                 item = _stage_item(item, stage, data, source)
-                held_out = unit.role == "eval" or hash_share(data.shuffle_seed, item.origin) < data.eval_split
-                for _ in range(1 if held_out else _copies(source.weight, data.shuffle_seed, item.origin)):
+                key = split_key(item.origin, source.path)
+                held_out = unit.role == "eval" or hash_share(data.shuffle_seed, key) < data.eval_split
+                for _ in range(1 if held_out else _copies(source.weight, data.shuffle_seed, key)):
                     items.append(_encode(item))
                     parts.append("eval" if held_out else "train")
         fatal = ""

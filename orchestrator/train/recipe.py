@@ -39,6 +39,8 @@ from orchestrator.config import (
     PreferenceTrainConfig,
     TrainConfig,
 )
+from orchestrator.data.shard_reader import MaterialisedPart, ShardReader
+from orchestrator.data.shards import ShardManifest
 from orchestrator.data.sft import IGNORE_INDEX
 from orchestrator.model.loading import full_numel, full_shape, load_tokenizer
 from orchestrator import checkpoint as ckpt
@@ -103,7 +105,12 @@ class WorkerPlan:
     logs_dir: str
     logs_into_checkpoints: bool  # remote storage: the logs travel inside each checkpoint
     has_eval: bool
-    prebatched: bool  # every row of the train shard already is a micro-batch (length-grouped stage 2)
+    # Stages 1 and 2: the prepared shard set every worker reads its share of an epoch from (the order is a
+    # function of train.seed and the epoch, so a resumed worker starts at exactly its micro-batch). None: the
+    # datasets come through the context (stage 3).
+    shard_set_uri: Optional[str] = None
+    shard_manifest: Optional[ShardManifest] = None
+    group_by_length: bool = False  # stage 2: micro-batches of similar length within each reading window
     deepspeed_user_config: Optional[dict[str, Any]] = None
     tracking: Optional[TrackingTarget] = None  # the run's MLflow / W&B runs (rank 0 logs its metrics there)
     reference_logps_uri: Optional[str] = None  # stage 3 with precompute_reference: where the pass writes them
@@ -162,21 +169,15 @@ def _loaded_share(model: torch.nn.Module) -> str:
     return f"{local:,} of {whole:,} parameters ({100 * local / max(whole, 1):.1f}%)"
 
 
-def _batches(shard: Any, micro_batch_size: int, seed: int, collate_rows: Any, prebatched: bool) -> Iterator[dict]:
-    """This worker's micro-batches for one epoch, shuffled with `seed`.
-
-    `prebatched`: every row already is a micro-batch (length-grouped stage 2 data).
-    """
-    rows = 1 if prebatched else micro_batch_size
+def _batches(shard: Any, micro_batch_size: int, seed: int, collate_rows: Any) -> Iterator[dict]:
+    """Micro-batches of a Ray Data shard for one epoch, shuffled with `seed` (stage 3's in-memory datasets)."""
     for batch in shard.iter_batches(
-        batch_size=rows,
+        batch_size=micro_batch_size,
         batch_format="numpy",
         drop_last=True,
-        local_shuffle_buffer_size=max(rows * 16, 256),
+        local_shuffle_buffer_size=max(micro_batch_size * 16, 256),
         local_shuffle_seed=seed,
     ):
-        if prebatched:
-            batch = {name: list(column[0]) for name, column in batch.items()}
         yield collate_rows(batch)
 
 
@@ -329,8 +330,7 @@ class WorkerRecipe:
         if isinstance(plan.train, PreferenceTrainConfig):
             self.objective = self._setup_preference(model_dir)
         self.resumed_from = resume.source if resume is not None else None
-        self.train_shard = self.context.get_dataset_shard("train")
-        self.eval_data = self.context.get_dataset_shard("eval") if plan.has_eval else None
+        self._setup_data()
         self.checkpoint_extra = {
             "stage": plan.stage, "method": plan.train.method, "zero_stage": plan.distributed.zero_stage,
             "world_size": self.world, "precision": self.precision, "base_model": plan.base_model,
@@ -342,6 +342,27 @@ class WorkerRecipe:
                      plan.schedule.total_steps, plan.schedule.steps_per_epoch, self.warmup, json.dumps(self.ds_config))
         if self.resumed_from is not None:
             self.logs.write(self.state.global_step, {"event": "resumed", "resumed_from": self.resumed_from})
+
+    def _setup_data(self) -> None:
+        """This worker's reading of the train set, and the (small) eval set held in memory."""
+        plan = self.plan
+        self.train_reader: Optional[ShardReader] = None
+        self.row_log = None
+        if plan.shard_set_uri is not None:
+            self.train_reader = ShardReader(plan.shard_set_uri, plan.shard_manifest, "train")
+            self.eval_data = MaterialisedPart(plan.shard_set_uri, plan.shard_manifest) if plan.has_eval else None
+            if plan.train.log_row_ids:
+                os.makedirs(plan.logs_dir, exist_ok=True)
+                self.row_log = open(os.path.join(plan.logs_dir, f"rows-{self.rank}.jsonl"), "a", encoding="utf-8")
+                self._log_rows({"event": "start", "global_step": self.state.global_step, "epoch": self.state.epoch,
+                                "micro_step_in_epoch": self.state.micro_step_in_epoch})
+        else:
+            self.train_shard = self.context.get_dataset_shard("train")
+            self.eval_data = self.context.get_dataset_shard("eval") if plan.has_eval else None
+
+    def _log_rows(self, record: dict[str, Any]) -> None:
+        self.row_log.write(json.dumps(record) + "\n")
+        self.row_log.flush()  # a killed worker's lines are all there
 
     def _setup_runtime(self) -> None:
         """Threads, device, precision ("bf16 where the hardware has it"), seeds."""
@@ -499,19 +520,30 @@ class WorkerRecipe:
         """This worker's micro-batches of `epoch`, skipping those a resumed checkpoint already trained."""
         state, per_epoch = self.state, self.plan.schedule.micro_batches_per_epoch
         skip = state.micro_step_in_epoch if epoch == state.epoch else 0
-        batches = _batches(self.train_shard, self.plan.train.micro_batch_size, self.plan.train.seed + epoch,
-                           self.collate_rows, self.plan.prebatched)
-        for micro, batch in enumerate(batches):
+        for micro, batch in self._epoch_batches(epoch, skip):
             if micro >= per_epoch:
                 break
-            if micro < skip:
-                continue
             optimizer_step = (micro + 1) % self.accumulation == 0
             self._train_micro_batch(batch, optimizer_step)
             if optimizer_step:
                 state.global_step += 1
                 state.epoch, state.micro_step_in_epoch = epoch, micro + 1
                 self._after_optimizer_step(end_of_epoch=micro + 1 == per_epoch)
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(index, micro-batch) of this worker's epoch from micro-batch `skip` on. A shard set is read from that
+        very position (nothing before it is read); Ray Data shards are iterated past the skipped ones."""
+        plan = self.plan
+        if self.train_reader is None:
+            batches = _batches(self.train_shard, plan.train.micro_batch_size, plan.train.seed + epoch, self.collate_rows)
+            yield from ((micro, batch) for micro, batch in enumerate(batches) if micro >= skip)
+            return
+        reading = self.train_reader.epoch_micro_batches(epoch, plan.train.seed, self.world, self.rank,
+                                                        plan.train.micro_batch_size, plan.group_by_length, skip)
+        for micro, rows in enumerate(reading, start=skip):
+            if self.row_log is not None and micro < plan.schedule.micro_batches_per_epoch:
+                self._log_rows({"epoch": epoch, "micro": micro, "ids": rows.row_ids.tolist()})
+            yield micro, self.collate_rows(rows.columns)
 
     def _train_micro_batch(self, batch: dict[str, torch.Tensor], optimizer_step: bool) -> None:
         engine, extras = self.engine, None
@@ -608,6 +640,8 @@ class WorkerRecipe:
 
     # --- clean up ----------------------------------------------------------------------------------
     def cleanup(self) -> None:
+        if getattr(self, "row_log", None) is not None:
+            self.row_log.close()
         self.logs.close()  # remote inputs stay in the node cache for the next stage, restart or trial
 
 

@@ -17,6 +17,7 @@ from orchestrator.checkpoint import latest_complete_checkpoint
 from orchestrator.config import PipelineConfig
 from orchestrator.data.formats import load_examples
 from orchestrator.data.prepare import PreparedData, prepare_stage_data
+from orchestrator.data.prepare_ray import SHARDED_STAGES, PreparedShards, prepare_stage_shards
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.layout import RunLayout
 from orchestrator.model.export import export_model
@@ -120,7 +121,7 @@ class StageInputs:
     config: PipelineConfig  # as the stage base adjusted it (e.g. embeddings trained with a grown vocabulary)
     base_model: str  # URI of the model the stage starts from
     tokenizer_uri: str
-    data: PreparedData
+    data: PreparedShards | PreparedData  # stages 1 and 2: the cached shard set; stage 3: in-memory tables
     lineage: dict[str, Any]  # where the stage base came from (merged adapters, grown vocabulary)
 
 
@@ -128,7 +129,9 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
                          tokenizer_uri: Optional[str] = None) -> StageInputs:
     """Check the plan, tokenize and validate the data, and derive the stage base (plain run and sweep alike).
 
-    Without `base_model`, stage 3 starts from the run's stage-2 model (see previous_stage_model).
+    Stages 1 and 2 prepare their data on the Ray cluster (connect first: a local one is started otherwise)
+    into the run's cached shard set; stage 3 prepares in this process. Without `base_model`, stage 3 starts
+    from the run's stage-2 model (see previous_stage_model).
     """
     check_fits(config, stage)  # warns (or, with plan.strict, refuses) when the config will not fit
     if base_model is None:
@@ -136,16 +139,54 @@ def prepare_stage_inputs(config: PipelineConfig, stage: str, base_model: Optiona
     if base_model is None:
         base_model, tokenizer_uri = materialize_base(config)
     tokenizer_uri = tokenizer_uri or base_model
-    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
-        tokenizer = fetch_tokenizer(tokenizer_uri, tmp)
-    train = config.stage(stage).train
-    with progress.step(f"{stage}: prepare data") as bar:
-        data = prepare_stage_data(stage, config.stage(stage).data, tokenizer,
-                                  unpaired=getattr(train, "loss", None) == "kto")
-        bar.update(records=data.stats.get("records"), tokens=data.stats.get("train_tokens"))
+    data = prepare_data(config, stage, tokenizer_uri)
     # init_adapters merged / an extended vocabulary grown into <run>/<stage>-base/ (reused on reruns)
     stage_base = prepare_stage_base(config, stage, base_model, tokenizer_uri, RunLayout.of(config))
     return StageInputs(stage_base.config, stage_base.model_uri, tokenizer_uri, data, stage_base.lineage)
+
+
+def prepare_data(config: PipelineConfig, stage: str, tokenizer_uri: str) -> PreparedShards | PreparedData:
+    """A stage's prepared data: the cached shard set (stages 1 and 2, on the Ray cluster), or tables (stage 3)."""
+    stage_cfg = config.stage(stage)
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp, progress.step(f"{stage}: prepare data") as bar:
+        tokenizer = fetch_tokenizer(tokenizer_uri, tmp)
+        if stage in SHARDED_STAGES:
+            data = prepare_stage_shards(stage, stage_cfg.data, tokenizer_uri, tmp, RunLayout.of(config).data(stage),
+                                        config.storage.node_cache)
+            bar.update(reused=data.reused)
+        else:
+            data = prepare_stage_data(stage, stage_cfg.data, tokenizer,
+                                      unpaired=getattr(stage_cfg.train, "loss", None) == "kto")
+        bar.update(records=data.stats.get("records"), tokens=data.stats.get("train_tokens"))
+    return data
+
+
+@dataclass(frozen=True)
+class PreparedStage:
+    """A stage's shard set as `orchestrator prepare` made or found it, and the tokenizer it was made with."""
+
+    stage: str
+    data: PreparedShards
+    tokenizer_uri: str
+
+    def tokenizer(self) -> Any:
+        with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+            return fetch_tokenizer(self.tokenizer_uri, tmp)
+
+
+def prepare_stages(config: PipelineConfig, stages: list[str], ray_address: Optional[str] = None) -> list[PreparedStage]:
+    """Prepare (or find in the cache) the shard sets of stages 1 and 2 exactly as running them would."""
+    configure_storage(config.storage)
+    ensure_ray(ray_address)
+    prepared = []
+    for stage in stages:
+        if stage not in SHARDED_STAGES:
+            raise ConfigError(f"stage {stage!r} prepares in memory when it runs; only {SHARDED_STAGES} make shard sets")
+        config.stage(stage)  # names a stage the config lacks
+        base_model, tokenizer_uri = materialize_base(config)
+        tokenizer_uri = tokenizer_uri or base_model
+        prepared.append(PreparedStage(stage, prepare_data(config, stage, tokenizer_uri), tokenizer_uri))
+    return prepared
 
 
 def previous_stage_model(config: PipelineConfig, stage: str) -> Optional[str]:
@@ -170,14 +211,14 @@ def previous_stage_model(config: PipelineConfig, stage: str) -> Optional[str]:
 
 def run_stage(config: PipelineConfig, stage: str, base_model: Optional[str] = None,
               tokenizer_uri: Optional[str] = None, ray_address: Optional[str] = None) -> StageResult:
-    """Run one stage end to end: prepare data (driver), train (Ray Train), export the final model."""
+    """Run one stage end to end: prepare data (cached shard set), train (Ray Train), export the final model."""
     started = time.perf_counter()
     configure_storage(config.storage)
+    ensure_ray(ray_address)  # the data of stages 1 and 2 is prepared on the cluster
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)
     config, data = inputs.config, inputs.data
     layout = RunLayout.of(config)
     tracking = start_tracking(config, layout)
-    ensure_ray(ray_address)
     try:
         outcome = fit_stage(config, stage, data, inputs.base_model, inputs.tokenizer_uri, layout.root,
                             layout.logs(stage), tracking=tracking)

@@ -10,14 +10,8 @@ from typing import Any, Optional, Sequence
 
 from orchestrator import progress, storage
 from orchestrator.config import PipelineConfig
-from orchestrator.data.batching import (
-    consecutive_batches,
-    group_by_length,
-    lengths_of,
-    padding_efficiency,
-    prebatch_table,
-)
 from orchestrator.data.prepare import PreparedData
+from orchestrator.data.prepare_ray import PreparedShards
 from orchestrator.errors import DataError
 from orchestrator.tracking import TrackingTarget
 from orchestrator.layout import reference_logps_file
@@ -27,16 +21,6 @@ from orchestrator.train.metrics_log import follow_metrics
 from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-
-def _length_grouped(stage: str, table: Any, micro_batch_size: int, seed: int) -> Any:
-    """One row per length-grouped micro-batch; Ray Data shards and shuffles whole micro-batches."""
-    lengths = lengths_of(table)
-    batches = group_by_length(lengths, micro_batch_size, seed)
-    log.info("%s: %d length-grouped micro-batches, %.1f%% real tokens (consecutive batches: %.1f%%)", stage,
-             len(batches), 100 * padding_efficiency(lengths, batches),
-             100 * padding_efficiency(lengths, consecutive_batches(len(lengths), micro_batch_size)))
-    return prebatch_table(table, batches)
 
 
 def show_progress(bar: progress.Step, record: dict[str, Any]) -> None:
@@ -56,7 +40,7 @@ def reference_fingerprint(config: PipelineConfig, stage: str, data: PreparedData
     key = {"base_model": base_model, "tokenizer": tokenizer, "files": data.stats.get("files", {}),
            "data": stage_cfg.data.model_dump(mode="json"), "unpaired": stage_cfg.train.loss == "kto",
            "dtype": config.model.dtype, "precision": stage_cfg.train.precision,
-           "rows": [data.train.num_rows, data.eval.num_rows if data.eval is not None else 0]}
+           "rows": [data.train_rows, data.eval_rows]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -70,7 +54,7 @@ class FitOutcome:
 def fit_stage(
     config: PipelineConfig,
     stage: str,
-    data: PreparedData,
+    data: PreparedShards | PreparedData,
     base_model: str,
     tokenizer: str,
     run_root: str,
@@ -79,6 +63,9 @@ def fit_stage(
     tracking: Optional[TrackingTarget] = None,
 ) -> FitOutcome:
     """Train one stage on the Ray cluster; a second call with the same run_root resumes the first.
+
+    `data`: stages 1 and 2 a prepared shard set, which every worker reads its share of itself (exact resume);
+    stage 3 in-memory tables, handed to Ray Data.
 
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when the run is a sweep trial.
     `tracking`: the MLflow / W&B runs rank 0 logs the metrics to.
@@ -90,33 +77,32 @@ def fit_stage(
 
     stage_cfg = config.stage(stage)
     train_cfg, dist = stage_cfg.train, config.distributed
-    train_table, rows_per_batch = data.train, train_cfg.micro_batch_size
-    prebatched = stage == "sft" and stage_cfg.data.group_by_length
-    if prebatched:
-        train_table = _length_grouped(stage, data.train, train_cfg.micro_batch_size, stage_cfg.data.shuffle_seed)
-        rows_per_batch = 1
+    sharded = isinstance(data, PreparedShards)
     # Batch arithmetic and the user's DeepSpeed JSON are checked here, before any worker starts.
     deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
     build_deepspeed_config(train_cfg, dist, dist.num_workers,
                            resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
     accumulation = train_cfg.accumulation_steps(dist.num_workers)
-    schedule = schedule_for(train_table.num_rows, dist.num_workers, rows_per_batch, accumulation, train_cfg.epochs)
+    schedule = schedule_for(data.train_rows, dist.num_workers, train_cfg.micro_batch_size, accumulation,
+                            train_cfg.epochs)
     if schedule.steps_per_epoch == 0:
         raise DataError(
-            f"{stage}: {data.train.num_rows} training examples are too few for one optimizer step with "
+            f"{stage}: {data.train_rows} training examples are too few for one optimizer step with "
             f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
             f"{accumulation}; add data or lower those settings"
         )
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
     data_context.print_on_execution_start = False
-    datasets = {"train": ray.data.from_arrow(train_table)}
-    if data.eval is not None:
-        datasets["eval"] = ray.data.from_arrow(data.eval)
+    datasets: dict[str, Any] = {}
+    if not sharded:
+        datasets["train"] = ray.data.from_arrow(data.train)
+        if data.eval is not None:
+            datasets["eval"] = ray.data.from_arrow(data.eval)
     reference_uri = None
     if getattr(train_cfg, "precompute_reference", False):
         # One pass over every example (unsplit) before the first step; keyed by what the log-probs depend on.
-        datasets["reference"] = ray.data.from_arrow(train_table)
+        datasets["reference"] = ray.data.from_arrow(data.train)
         reference_uri = reference_logps_file(run_root, stage, reference_fingerprint(config, stage, data, base_model,
                                                                                    tokenizer))
     storage_path, filesystem = storage.ray_storage(run_root)
@@ -133,8 +119,10 @@ def fit_stage(
         stage_uri=storage.join(run_root, stage),
         logs_dir=logs_dir,
         logs_into_checkpoints=storage.is_remote(run_root),
-        has_eval=data.eval is not None,
-        prebatched=prebatched,
+        has_eval=data.has_eval,
+        shard_set_uri=data.set_uri if sharded else None,
+        shard_manifest=data.manifest if sharded else None,
+        group_by_length=stage == "sft" and stage_cfg.data.group_by_length,
         deepspeed_user_config=deepspeed_user_config,
         tracking=tracking,
         reference_logps_uri=reference_uri,
@@ -158,15 +146,15 @@ def fit_stage(
             # Keep the N best by eval loss (Ray always keeps the latest too, for resuming).
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
-                checkpoint_score_attribute="eval_loss" if data.eval is not None else None,
+                checkpoint_score_attribute="eval_loss" if data.has_eval else None,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
         ),
-        datasets=datasets,
+        datasets=datasets or None,
         # Eval is not split: every worker evaluates the whole (small) held-out set, which keeps
         # ZeRO-3's collective forward passes in step across workers.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo", timeout_s=dist.collective_timeout_s),
     )
     log.info("%s: fitting with %d workers, schedule %s", stage, dist.num_workers, schedule)

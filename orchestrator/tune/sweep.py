@@ -18,6 +18,7 @@ from typing import Any, Optional
 from orchestrator import progress, storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
+from orchestrator.data.prepare_ray import PreparedShards
 from orchestrator.errors import CheckpointError, ConfigError, DataError
 from orchestrator.checkpoint import CheckpointInfo, list_checkpoints
 from orchestrator.layout import RunLayout
@@ -71,15 +72,15 @@ def run_sweep(config: PipelineConfig, stage: str, base_model: Optional[str] = No
     started = time.perf_counter()
     configure_storage(config.storage)
     check_sweep(config, stage)
+    ensure_ray_with_dashboard(ray_address)  # before the data: stages 1 and 2 prepare it on the cluster
     inputs = prepare_stage_inputs(config, stage, base_model, tokenizer_uri)  # as for a plain run of the stage
     data = inputs.data
-    if data.eval is None:
+    if not data.has_eval:
         raise DataError(f"{stage}: the held-out set is empty (e.g. shorter than one block), so trials cannot be "
                         f"ranked by {config.tune.metric}; raise {stage}.data.eval_split or set eval_sources")
     sweep = RunLayout.of(config).sweep(stage)
     _record_sweep(config, stage, sweep)
     tracking = start_tracking(config)  # each trial is a child run of the run's own
-    ensure_ray_with_dashboard(ray_address)
     tuner, resumed = _tuner(inputs.config, stage, data, inputs.base_model, inputs.tokenizer_uri, sweep, tracking)
     with progress.step(f"{stage}: sweep", total=config.tune.num_samples, unit="trial") as bar:
         grid = tuner.fit()
@@ -121,7 +122,7 @@ def _record_sweep(config: PipelineConfig, stage: str, sweep: str) -> None:
     storage.write_bytes(record, json.dumps(current, indent=1).encode("utf-8"))
 
 
-def _tuner(config: PipelineConfig, stage: str, data: PreparedData, base_model: str, tokenizer_uri: str,
+def _tuner(config: PipelineConfig, stage: str, data: PreparedShards | PreparedData, base_model: str, tokenizer_uri: str,
            sweep: str, tracking: Optional[TrackingTarget]) -> tuple[Any, bool]:
     """A new Tuner, or the interrupted one restored (finished trials are kept, unfinished ones resume)."""
     import ray
@@ -153,7 +154,7 @@ def _tuner(config: PipelineConfig, stage: str, data: PreparedData, base_model: s
             metric=tune_cfg.metric,
             mode=tune_cfg.mode,
             search_alg=_search_algorithm(config, concurrency),
-            scheduler=_scheduler(config, stage, data.train.num_rows),
+            scheduler=_scheduler(config, stage, data.train_rows),
             num_samples=tune_cfg.num_samples,
             max_concurrent_trials=concurrency,
             trial_dirname_creator=_trial_dirname,

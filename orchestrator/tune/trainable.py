@@ -14,6 +14,7 @@ from typing import Any, Optional
 from orchestrator import storage
 from orchestrator.config import PipelineConfig
 from orchestrator.data.prepare import PreparedData
+from orchestrator.data.prepare_ray import PreparedShards
 from orchestrator.train.trainer import fit_stage
 from orchestrator.layout import RunLayout
 from orchestrator.tracking import TrackingTarget, start_tracking
@@ -26,7 +27,7 @@ from orchestrator.tune.space import trial_config
 TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 1}
 
 
-def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, data: PreparedData,
+def train_trial(params: dict[str, Any], *, config: PipelineConfig, stage: str, data: PreparedShards | PreparedData,
                 base_model: str, tokenizer: str, layout: RunLayout, s3_settings: storage.S3Settings,
                 tracking: Optional[TrackingTarget] = None) -> None:
     """Train `stage` with `params` applied; a rerun of the same trial (restored sweep) resumes its checkpoints.

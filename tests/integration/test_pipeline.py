@@ -120,9 +120,10 @@ def test_pipeline_lora_then_full_under_zero3(ray_cluster, tmp_path, shared_data)
 
 
 def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_data):
-    """ZeRO-2 full: the run dies after its step-2 checkpoint; running it again continues at step 3,
-    in the same MLflow and W&B (offline) runs."""
-    tree = make_config(tmp_path, shared_data, 2, pretrain=pretrain_section(shared_data, "full", log_every_n_steps=1))
+    """ZeRO-2 full: the run dies after its step-2 checkpoint; running it again continues at step 3, on exactly
+    the rows an uninterrupted run trains after that point (row ids), in the same MLflow and W&B (offline) runs."""
+    tree = make_config(tmp_path, shared_data, 2, pretrain=pretrain_section(shared_data, "full", log_every_n_steps=1,
+                                                                           log_row_ids=True))
     tree["checkpoint"]["every_n_steps"] = 2
     mlflow_uri = (tmp_path / "mlruns").as_uri()
     tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri},
@@ -146,7 +147,39 @@ def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_da
     steps_per_epoch = max(r["step"] for r in records if r.get("epoch") == 1 and "eval_loss" in r)
     with open(os.path.join(result.checkpoint_uri, TRAINER_STATE)) as handle:
         assert json.load(handle)["global_step"] == 2 * steps_per_epoch
+    assert_resumed_on_the_same_rows(config, resumed_at_micro=2)
     assert_tracked(config, mlflow_uri, tmp_path / "wandb", 2 * steps_per_epoch)
+
+
+def assert_resumed_on_the_same_rows(config, resumed_at_micro: int) -> None:
+    """Each worker's row log: the killed attempt trained the order of (seed, epoch 0) from its start, the resumed
+    attempt that same order from the checkpoint's micro-batch on, then epoch 1: together exactly the rows of an
+    uninterrupted run, in its order (the micro-batches after the checkpoint are trained again, the same rows)."""
+    from orchestrator.data.epoch_order import worker_row_ids
+    from orchestrator.data.shards import complete_sets
+    from orchestrator.train.recipe import schedule_for
+
+    train = config.pretrain.train
+    [manifest] = complete_sets(RunLayout.of(config).data("pretrain"))
+    counts = [s.rows for s in manifest.part("train")]
+    per_epoch = schedule_for(sum(counts), 2, train.micro_batch_size, train.accumulation_steps(2),
+                             train.epochs).micro_batches_per_epoch
+    for rank in (0, 1):
+        lines = Path(RunLayout.of(config).logs("pretrain"), f"rows-{rank}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+        assert len(starts) == 2 and records[starts[1]]["micro_step_in_epoch"] == resumed_at_micro
+        killed, resumed = records[starts[0] + 1:starts[1]], records[starts[1] + 1:]
+        assert [(r["epoch"], r["micro"]) for r in resumed] == (
+            [(0, m) for m in range(resumed_at_micro, per_epoch)] + [(1, m) for m in range(per_epoch)])
+        for epoch in (0, 1):
+            expected = worker_row_ids(counts, train.seed, epoch, 2, rank, 0, per_epoch * train.micro_batch_size)
+            trained = [i for r in resumed if r["epoch"] == epoch for i in r["ids"]]
+            if epoch == 0:
+                before = [i for r in killed if r["micro"] < resumed_at_micro for i in r["ids"]]
+                assert [i for r in killed for i in r["ids"]] == expected[:len(killed) * train.micro_batch_size].tolist()
+                trained = before + trained
+            assert trained == expected.tolist(), (rank, epoch)
 
 
 def assert_tracked(config, mlflow_uri: str, wandb_dir: Path, last_step: int) -> None:

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pytest
 
 from orchestrator import storage
 from orchestrator.config import DataConfig, DataSourceConfig, config_from_dict
-from orchestrator.data.prepare import prepare_stage_data
-from orchestrator.model.loading import load_tokenizer
+from orchestrator.data.prepare_ray import prepare_stage_shards
+from orchestrator.data.shards import read_shard
 from orchestrator.checkpoint import latest_complete_checkpoint, list_checkpoints
 from orchestrator.layout import RunLayout
 from orchestrator.train.metrics_log import read_stage_metrics
@@ -68,19 +69,31 @@ def final_eval_loss(config) -> float:
     return [r["eval_loss"] for r in records if "eval_loss" in r][-1]
 
 
-def test_data_from_s3_gives_the_same_tokens_as_local(s3_server, shared_data):
+def test_data_from_s3_gives_the_same_tokens_as_local(ray_cluster, s3_server, shared_data):
+    """The distributed prepare reads sources from S3 and writes its shard set to S3: the same rows as from local
+    files; a second prepare finds the set complete on S3 and prepares nothing."""
     s3_uri = upload_legal_data(s3_server, shared_data)
     storage.configure(storage.S3Settings(endpoint_url=s3_server.endpoint, region=REGION,
                                          access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY))
-    tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "minimind"))
+    tokenizer_dir = str(shared_data / "tokenizers" / "minimind")
     prepared = {}
     for name, path in (("local", str(shared_data / "pretrain" / "legal")), ("s3", s3_uri)):
-        data = DataConfig(sources=[DataSourceConfig(path=path, text_unit="line", max_records=500)], block_size=128)
-        prepared[name] = prepare_stage_data("pretrain", data, tokenizer)
-    assert prepared["s3"].train.equals(prepared["local"].train)
-    assert prepared["s3"].eval.equals(prepared["local"].eval)
-    digests_local = sorted(prepared["local"].stats["files"].values())
-    assert digests_local == sorted(prepared["s3"].stats["files"].values())
+        data = DataConfig(sources=[DataSourceConfig(path=path, text_unit="line")], block_size=128,
+                          prepare={"unit_mb": 0.2})
+        prepared[name] = prepare_stage_shards("pretrain", data, tokenizer_dir, tokenizer_dir,
+                                              f"s3://{BUCKET}/prepared-{name}/data/pretrain")
+    local, remote = prepared["local"], prepared["s3"]
+    assert remote.set_uri.startswith(f"s3://{BUCKET}/prepared-s3/") and len(remote.manifest.shards) > 2
+    assert [s.sha256 for s in remote.manifest.shards] == [s.sha256 for s in local.manifest.shards]
+    for part in ("train", "eval"):
+        tables = [read_shard(p.set_uri, s) for p in (local, remote) for s in p.manifest.part(part)]
+        assert pa.concat_tables(tables[:len(tables) // 2]).equals(pa.concat_tables(tables[len(tables) // 2:]))
+    assert sorted(local.stats["files"].values()) == sorted(remote.stats["files"].values())  # sha256 of each file
+    assert all(identity.split()[1].startswith("etag:") for identity in remote.manifest.inputs["files"].values())
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix="prepared-s3/")["Contents"]}
+    assert f"prepared-s3/data/pretrain/{remote.manifest.fingerprint}/manifest.json" in keys
+    again = prepare_stage_shards("pretrain", data, tokenizer_dir, tokenizer_dir, f"s3://{BUCKET}/prepared-s3/data/pretrain")
+    assert again.reused and again.set_uri == remote.set_uri
 
 
 def test_checkpoints_and_models_on_s3_without_leaking_credentials(ray_cluster, s3_server, shared_data, capfd):

@@ -64,3 +64,12 @@ def test_a_relative_storage_path_outside_a_job_or_without_working_dir_passes(tmp
     # A RayJob on KubeRay runs in the image's directory (a mounted volume there), with no working_dir.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
     check_storage_outlives_job(CheckpointConfig(storage_path="runs"))
+
+
+def test_prepare_and_data_inspect_take_stages_and_overrides():
+    args = build_parser().parse_args(["prepare", "--config", "x.yaml", "--stage", "sft", "sft.data.block_size=64"])
+    assert (args.command, args.stage, args.overrides) == ("prepare", ["sft"], ["sft.data.block_size=64"])
+    args = build_parser().parse_args(["data", "inspect", "-c", "x.yaml", "-n", "5", "--part", "eval"])
+    assert (args.command, args.action, args.n, args.part, args.stage) == ("data", "inspect", 5, "eval", None)
+    with pytest.raises(SystemExit):  # stage 3 prepares in memory: no shard set to prepare or inspect
+        build_parser().parse_args(["prepare", "--config", "x.yaml", "--stage", "preference"])

@@ -71,7 +71,7 @@ def _run(workspace, name: str, train: PreferenceTrainConfig, zero_stage: int):
         base_model=str(base), tokenizer=str(base),
         schedule=schedule_for(len(train_rows), 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
         stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
-        prebatched=False, reference_logps_uri=reference_uri,
+        reference_logps_uri=reference_uri,
     )
     context = LocalTrainContext(storage_dir=str(stage_dir),
                                 shards={"train": LocalShard(train_rows), "eval": LocalShard(eval_rows),

@@ -1,8 +1,9 @@
 """The worker recipe run in this process, without Ray: a LocalTrainContext stands in for Ray Train.
 
-A tiny LLaMA trains for two epochs on real English text (minimind tokenizer) under DeepSpeed ZeRO-2 on
-a one-process gloo group; checkpoints every 2 steps and at epoch ends. Then a second run resumes from
-the mid-epoch checkpoint of step 6 and must continue at step 7 with the very losses the first run had.
+A tiny LLaMA trains for two epochs on real English text (minimind tokenizer, blocks written as a prepared
+shard set) under DeepSpeed ZeRO-2 on a one-process gloo group; checkpoints every 2 steps and at epoch ends.
+Then a second run resumes from the mid-epoch checkpoint of step 6 and must continue at step 7 with the very
+losses and the very rows (ids logged per micro-batch) the first run had.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orchestrator.config import CheckpointConfig, DistributedConfig, EvalConfig, ModelConfig, TinyModelConfig, TrainConfig
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
 from orchestrator import checkpoint as ckpt
-from orchestrator.train.context import LocalCheckpoint, LocalShard, LocalTrainContext
+from orchestrator.data.epoch_order import worker_row_ids
+from orchestrator.data.shards import ShardManifest, read_manifest, shard_name, token_table, write_manifest, write_shard
+from orchestrator.train.context import LocalCheckpoint, LocalTrainContext
 from orchestrator.train.metrics_log import read_metrics
 from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
 
@@ -27,7 +31,8 @@ TRAIN_ROWS, EVAL_ROWS = 16, 4
 
 @pytest.fixture(scope="module")
 def workspace(shared_data, tmp_path_factory):
-    """A tiny base model directory and blocks of real text: (base dir, train rows, eval rows)."""
+    """A tiny base model directory and a shard set of blocks of real text (two train shards, one eval shard):
+    (base dir, set dir, manifest)."""
     root = tmp_path_factory.mktemp("recipe")
     tokenizer = load_tokenizer(str(shared_data / "tokenizers" / "minimind"))
     base = root / "base"
@@ -39,12 +44,19 @@ def workspace(shared_data, tmp_path_factory):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     blocks = [ids[i:i + BLOCK] for i in range(0, (TRAIN_ROWS + EVAL_ROWS) * BLOCK, BLOCK)]
     assert len(blocks[-1]) == BLOCK, "the shared text is too short for this test's blocks"
-    return base, [{"input_ids": b} for b in blocks[:TRAIN_ROWS]], [{"input_ids": b} for b in blocks[TRAIN_ROWS:]]
+    arrays = [np.asarray(b, dtype=np.int32) for b in blocks]
+    set_dir = str(root / "data")
+    written = [write_shard(set_dir, shard_name("train", 0), "train", token_table(arrays[:10])),
+               write_shard(set_dir, shard_name("train", 1), "train", token_table(arrays[10:TRAIN_ROWS])),
+               write_shard(set_dir, shard_name("eval", 0), "eval", token_table(arrays[TRAIN_ROWS:]))]
+    write_manifest(set_dir, ShardManifest("test", "pretrain", tuple(written)))
+    return base, set_dir, read_manifest(set_dir)
 
 
-def _plan(base: Path, stage_dir: Path, logs_dir: Path) -> WorkerPlan:
+def _plan(workspace, stage_dir: Path, logs_dir: Path) -> WorkerPlan:
+    base, set_dir, manifest = workspace
     train = TrainConfig(method="full", epochs=2, micro_batch_size=2, gradient_accumulation_steps=2,
-                        learning_rate=3e-3, warmup_steps=1, log_every_n_steps=1, precision="fp32")
+                        learning_rate=3e-3, warmup_steps=1, log_every_n_steps=1, precision="fp32", log_row_ids=True)
     distributed = DistributedConfig(num_workers=1, zero_stage=2, cpus_per_worker=1)
     return WorkerPlan(
         stage="pretrain", model=ModelConfig(base=str(base)), train=train, distributed=distributed,
@@ -52,15 +64,19 @@ def _plan(base: Path, stage_dir: Path, logs_dir: Path) -> WorkerPlan:
         base_model=str(base), tokenizer=str(base),
         schedule=schedule_for(TRAIN_ROWS, 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
         stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
-        prebatched=False,
+        shard_set_uri=set_dir, shard_manifest=manifest,
     )
 
 
-def _context(workspace, stage_dir: Path, checkpoint=None) -> LocalTrainContext:
-    _, train_rows, eval_rows = workspace
+def _context(stage_dir: Path, checkpoint=None) -> LocalTrainContext:
     stage_dir.mkdir(parents=True)
-    return LocalTrainContext(storage_dir=str(stage_dir), checkpoint=checkpoint,
-                             shards={"train": LocalShard(train_rows), "eval": LocalShard(eval_rows)})
+    return LocalTrainContext(storage_dir=str(stage_dir), checkpoint=checkpoint)
+
+
+def _row_ids(logs_dir: Path) -> dict[tuple[int, int], list[int]]:
+    """(epoch, micro-batch) → the row ids trained, from the worker's row log."""
+    lines = [json.loads(line) for line in (logs_dir / "rows-0.jsonl").read_text().splitlines()]
+    return {(r["epoch"], r["micro"]): r["ids"] for r in lines if "ids" in r}
 
 
 def _train_losses(logs_dir: Path) -> dict[int, float]:
@@ -70,8 +86,8 @@ def _train_losses(logs_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def first_run(process_group, workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("first")
-    plan = _plan(workspace[0], root / "pretrain", root / "logs")
-    context = _context(workspace, root / "pretrain")
+    plan = _plan(workspace, root / "pretrain", root / "logs")
+    context = _context(root / "pretrain")
     run_recipe(plan, context)
     return plan, context, root / "logs"
 
@@ -101,13 +117,20 @@ def test_recipe_trains_reports_and_checkpoints_without_ray(first_run):
     assert len(evals) == 5 and all(b < a for a, b in zip(evals, evals[1:])), f"eval loss did not fall: {evals}"
     assert evals[-1] < evals[0] - 0.1
     assert losses[8] < losses[1]
+    # every row of the set once per epoch, in the order of (seed, epoch)
+    counts = [s.rows for s in plan.shard_manifest.part("train")]
+    rows = _row_ids(logs_dir)
+    for epoch in (0, 1):
+        trained = [i for micro in range(8) for i in rows[(epoch, micro)]]
+        assert trained == worker_row_ids(counts, plan.train.seed, epoch, 1, 0).tolist()
+        assert sorted(trained) == list(range(TRAIN_ROWS))
 
 
 def test_resume_continues_at_the_next_step_with_the_same_losses(first_run, workspace, tmp_path):
     _, first_context, first_logs = first_run
     step6 = first_context.reports[2].checkpoint_path
-    plan = _plan(workspace[0], tmp_path / "pretrain", tmp_path / "logs")
-    context = _context(workspace, tmp_path / "pretrain", checkpoint=LocalCheckpoint(step6))
+    plan = _plan(workspace, tmp_path / "pretrain", tmp_path / "logs")
+    context = _context(tmp_path / "pretrain", checkpoint=LocalCheckpoint(step6))
     run_recipe(plan, context)
 
     records = read_metrics(str(tmp_path / "logs"))
@@ -115,6 +138,10 @@ def test_resume_continues_at_the_next_step_with_the_same_losses(first_run, works
     assert not any(r["step"] == 0 for r in records)  # no baseline eval on resume
     resumed = _train_losses(tmp_path / "logs")
     assert sorted(resumed) == [7, 8]  # skipped the 4 micro-batches of epoch 2 trained before the checkpoint
+    # the rows of micro-batches 4-7 of epoch 2, exactly those the uninterrupted run trained
+    rows, expected_rows = _row_ids(tmp_path / "logs"), _row_ids(first_logs)
+    assert sorted(rows) == [(1, micro) for micro in range(4, 8)]
+    assert all(rows[key] == expected_rows[key] for key in rows)
     expected = _train_losses(first_logs)
     for step in (7, 8):  # same data order, RNG, optimizer moments and schedule as the uninterrupted run
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5)
