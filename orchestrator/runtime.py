@@ -65,6 +65,8 @@ def _ray_output() -> dict:
 
     if _quiet:
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # The driver runs the stages' data prepare (Ray Data): its INFO lines and notices go to Ray's logs only.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     # Quiet: Ray's driver-side warnings (e.g. "token authentication is enabled") stay in Ray's logs too.
     return {"log_to_driver": not _quiet, "logging_level": logging.ERROR if _quiet else logging.INFO}
 
