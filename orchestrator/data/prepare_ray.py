@@ -29,7 +29,7 @@ from orchestrator.data.readers import SUPPORTED_SUFFIXES
 from orchestrator.data.shapes import resolve_dataset, shape_inputs
 from orchestrator.data.shards import ShardManifest, complete_sets, read_manifest, write_manifest
 from orchestrator.data.templates import select_template
-from orchestrator.data.units import Unit, merge_summaries, plan_units, read_unit, tokenize_unit
+from orchestrator.data.units import Unit, main_amount, merge_summaries, plan_units, read_unit, replay_unit, tokenize_unit
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,11 @@ def prepare_stage_shards(stage: str, data: DataConfig, tokenizer_uri: str, token
         raise ValueError(f"prepare_stage_shards: stage {stage!r}; shard sets are made for {SHARDED_STAGES}")
     if not data.sources:
         raise DataError(f"{stage}.data.sources is empty; list at least one file, directory, glob or URI")
-    if data.replay:
-        raise DataError(f"{stage}.data.replay is not supported by the distributed prepare yet; "
-                        "remove data.replay (see the README's data section)")
     started = time.perf_counter()
     expanded, shape_files = expand_sources(data)
-    fingerprint = stage_fingerprint(stage, data, expanded, shape_files, tokenizer_dir)
+    replayed, replay_shapes = expand_sources(DataConfig(sources=[entry.source for entry in data.replay]))
+    fingerprint = stage_fingerprint(stage, data, {**expanded, **replayed}, {**shape_files, **replay_shapes},
+                                    tokenizer_dir)
     set_uri = storage.join(stage_data_uri, fingerprint.key)
     manifest = read_manifest(set_uri)
     if manifest is not None:
@@ -129,6 +128,9 @@ def prepare_stage_shards(stage: str, data: DataConfig, tokenizer_uri: str, token
     sizes = _file_sizes([uri for group in expanded.values() for uri in group])
     units = plan_units(data, expanded, sizes, int(data.prepare.unit_mb * 2**20))
     summaries = run_units(stage, data, units, tokenizer_uri, set_uri, node_cache or NodeCacheConfig())
+    if data.replay:  # shares of what the units hold: known only now
+        summaries += run_replay(stage, data, len(units), main_amount(stage, summaries), tokenizer_uri, set_uri,
+                                node_cache or NodeCacheConfig())
     driver_bytes = len(json.dumps(summaries))
     nodes = {"read": sorted({s.pop("read_node") for s in summaries}),
              "tokenize": sorted({s.pop("tokenize_node") for s in summaries})}
@@ -182,6 +184,28 @@ def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: st
     if len(summaries) != len(units):
         raise DataError(f"{set_uri}: {len(summaries)} of {len(units)} prepare units came back")
     return summaries
+
+
+def run_replay(stage: str, data: DataConfig, first_index: int, main: int, tokenizer_uri: str, set_uri: str,
+               node_cache: NodeCacheConfig) -> list[dict[str, Any]]:
+    """Each `data.replay` source as one Ray task writing one train shard (index first_index + i); their summaries."""
+    import ray
+
+    settings = ray.put(storage.current_settings())
+    task = ray.remote(_replay_task).options(num_cpus=data.prepare.cpus_per_actor,
+                                            resources=data.prepare.resources or None)
+    return ray.get([task.remote(first_index + i, i, stage, data, tokenizer_uri, set_uri, main, settings, node_cache)
+                    for i in range(len(data.replay))])
+
+
+def _replay_task(index: int, entry_index: int, stage: str, data: DataConfig, tokenizer_uri: str, set_uri: str,
+                 main: int, settings: Any, node_cache: NodeCacheConfig) -> dict[str, Any]:
+    import ray
+
+    worker = _TokenizeUnits(stage, data, tokenizer_uri, set_uri, settings, node_cache)
+    summary = replay_unit(index, entry_index, stage, data, worker.tokenizer, worker.template, main, set_uri)
+    node = ray.get_runtime_context().get_node_id()
+    return {**summary, "read_node": node, "tokenize_node": node}
 
 
 def _read_unit_row(row: dict[str, Any], stage: str, data: DataConfig, settings: Any) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 from orchestrator import storage
 from orchestrator.config import DataConfig, DataSourceConfig
 from orchestrator.data.formats import MAX_ERRORS_LISTED, Conversation, Document, Message, conversation_to_document, convert_record
-from orchestrator.data.pretrain import encode_texts, pack_token_lists
+from orchestrator.data.pretrain import encode_texts, pack_token_lists, tokenize_documents
 from orchestrator.data.readers import read_file
+from orchestrator.data.replay import document_examples, load_replay, replay_amounts, take_examples, take_tokens
 from orchestrator.data.sft import IGNORE_INDEX, tokenize_conversations
 from orchestrator.data.shapes import resolve_dataset
 from orchestrator.data.shards import ShardInfo, ShardManifest, shard_name, token_table, write_shard
@@ -185,6 +186,62 @@ def _mask(conversations: Sequence[Conversation], tokenizer: Any, template: ChatT
              "max_length": max(lengths, default=0)})
 
 
+def main_amount(stage: str, summaries: Sequence[dict[str, Any]]) -> int:
+    """What replay ratios are shares of, from the units' summaries: stage 1 training tokens (each document's EOS
+    counted, packing tails included), stage 2 training examples."""
+    stats = [json.loads(s["stats"]) for s in summaries]
+    if stage == "pretrain":
+        return sum(st.get("train_tokens", 0) + st.get("train_tail_tokens", 0) for st in stats)
+    return sum(st.get("train_examples", 0) for st in stats)
+
+
+def replay_unit(index: int, entry_index: int, stage: str, data: DataConfig, tokenizer: Any,
+                template: Optional[ChatTemplate], main: int, set_uri: str) -> dict[str, Any]:
+    """Replay source `entry_index` of `data.replay`, its share of `main` (see main_amount), as a train shard of its
+    own (shard `index`): stage 1 token pieces packed into blocks, stage 2 examples; a summary like tokenize_unit's.
+
+    The reader shuffles rows across shards every epoch, so replayed blocks and examples mix with the stage's own;
+    the realised share is computed over all shards when the summaries are merged.
+    """
+    entry = data.replay[entry_index]
+    target = replay_amounts(main, [e.ratio for e in data.replay])[entry_index]
+    summary = {"unit": index, "records": 0, "filtered": 0, "errors": "[]", "bad_per_file": "{}", "files": "{}",
+               "fatal": "", "shards": "[]", "stats": "{}", "replay": "{}"}
+    try:
+        records, report = load_replay(entry.source, stage, data.bad_records, data.shuffle_seed)
+        seed = data.shuffle_seed + entry_index
+        if stage == "pretrain":
+            if tokenizer.eos_token_id is None:
+                raise DataError("the tokenizer has no eos_token; stage 1 needs one to separate documents")
+            pool = tokenize_documents(records, tokenizer)
+            pool_tokens = sum(len(ids) + 1 for ids in pool)
+            packed = pack_token_lists(take_tokens(pool, target, seed), tokenizer.eos_token_id, data.block_size)
+            table = token_table(list(packed.blocks))
+            stats = {"train_tokens": int(packed.blocks.size), "train_blocks": len(packed.blocks),
+                     "train_tail_tokens": packed.dropped_tokens}
+            info = {"source": entry.source.path, "ratio": entry.ratio, "tokens": int(packed.blocks.size),
+                    "pool_tokens": pool_tokens, "passes": round(target / max(pool_tokens, 1), 3)}
+        else:
+            conversations = [r for r in records if isinstance(r, Conversation)]
+            pool, _ = tokenize_conversations(conversations, tokenizer, template, data.max_length, data.train_on)
+            pool += document_examples([r for r in records if isinstance(r, Document)], tokenizer, data.max_length)
+            if not pool:
+                raise DataError("no example has a trainable token")
+            examples = take_examples(pool, target, seed)
+            lengths = [len(e.input_ids) for e in examples]
+            table = token_table([e.input_ids for e in examples], [e.labels for e in examples])
+            stats = {"train_examples": len(examples), "train_tokens": int(sum(lengths)),
+                     "train_trainable_tokens": int(sum(int((e.labels != IGNORE_INDEX).sum()) for e in examples)),
+                     "train_max_length": max(lengths, default=0)}
+            info = {"source": entry.source.path, "ratio": entry.ratio, "examples": len(examples),
+                    "pool_examples": len(pool), "passes": round(target / len(pool), 3)}
+    except DataError as exc:
+        return {**summary, "fatal": f"replay source {entry.source.path}: {exc}"}
+    shards = [write_shard(set_uri, shard_name("train", index), "train", table)] if table.num_rows else []
+    return {**summary, "files": json.dumps(report.files), "shards": json.dumps([asdict(s) for s in shards]),
+            "stats": json.dumps(stats), "replay": json.dumps(info)}
+
+
 def merge_summaries(summaries: Sequence[dict[str, Any]], stage: str, data: DataConfig, key: str,
                     inputs: dict[str, Any]) -> ShardManifest:
     """Every unit's summary → the manifest; raises the stage's data problems (all units' findings at once)."""
@@ -206,6 +263,12 @@ def merge_summaries(summaries: Sequence[dict[str, Any]], stage: str, data: DataC
     shards = tuple(ShardInfo(**info) for s in summaries for info in json.loads(s["shards"]))
     shards = tuple(sorted(shards, key=lambda info: (info.part != "train", info.name)))
     stats = _stage_stats(stage, data, totals, shards)
+    replayed = [json.loads(s["replay"]) for s in summaries if s.get("replay", "{}") != "{}"]
+    if replayed:  # realised shares of the final training set (tokens in blocks, or examples)
+        whole = totals["train_tokens"] if stage == "pretrain" else totals["train_examples"]
+        for entry in replayed:
+            entry["realised"] = (entry["tokens"] if stage == "pretrain" else entry["examples"]) / max(whole, 1)
+        stats.update({"replay": replayed, "replay_share": sum(e["realised"] for e in replayed)})
     stats.update({"records": sum(s["records"] for s in summaries), "skipped_records": skipped,
                   "filtered_records": sum(s["filtered"] for s in summaries),
                   "bad_records_per_file": dict(per_file), "bad_records_listed": listed,

@@ -212,8 +212,10 @@ def test_cache_hit_prepares_nothing_and_a_miss_names_the_change(two_nodes, share
 
 def test_a_prepare_cut_off_before_its_manifest_is_never_used(two_nodes, shared_data, tokenizer_dir, tmp_path,
                                                              monkeypatch, caplog):
+    """Also: replay (medical documents, 20% of the final training tokens) as a shard of its own, from a Ray task."""
+    replay = {"source": {"path": str(shared_data / "pretrain" / "medical" / "fever.txt")}, "ratio": 0.2}
     data = DataConfig(sources=[DataSourceConfig(path=str(shared_data / "pretrain" / "legal"), text_unit="line",
-                                                max_records=400)], block_size=64)
+                                                max_records=400)], block_size=64, replay=[replay])
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("the driver died after the shards, before the manifest")
@@ -223,7 +225,8 @@ def test_a_prepare_cut_off_before_its_manifest_is_never_used(two_nodes, shared_d
         with pytest.raises(KeyboardInterrupt):
             _prepare("pretrain", data, tokenizer_dir, tmp_path)
     [partial] = [p for p in (tmp_path / "data" / "pretrain").iterdir()]
-    assert sorted(p.name for p in partial.iterdir()) == ["eval-00000.parquet", "train-00000.parquet"]
+    assert sorted(p.name for p in partial.iterdir()) == ["eval-00000.parquet", "train-00000.parquet",
+                                                          "train-00001.parquet"]
     assert shards.read_manifest(str(partial)) is None and not shards.complete_sets(str(partial.parent))
 
     caplog.set_level("INFO", logger="orchestrator.data.prepare_ray")
@@ -231,6 +234,12 @@ def test_a_prepare_cut_off_before_its_manifest_is_never_used(two_nodes, shared_d
     assert not rerun.reused and rerun.set_uri == str(partial)
     assert "incomplete prepare (no manifest); preparing it again" in caplog.text
     assert shards.read_manifest(str(partial)) is not None
+    [entry] = rerun.stats["replay"]
+    replayed = [s for s in rerun.manifest.part("train") if s.name == "train-00001.parquet"]
+    assert abs(entry["realised"] - 0.2) <= 0.02 and entry["tokens"] == replayed[0].tokens
+    assert rerun.stats["replay_share"] == entry["realised"]
+    assert str(shared_data / "pretrain" / "medical" / "fever.txt") in rerun.stats["files"]
+    assert rerun.manifest.rows("eval") > 0 and all(s.name != "eval-00001.parquet" for s in rerun.manifest.shards)
 
 
 def test_a_resumed_reader_trains_exactly_the_rows_after_its_position(stage1, two_nodes, shared_data, tokenizer_dir,

@@ -84,3 +84,45 @@ def test_a_unit_that_cannot_be_read_stops_the_stage(tmp_path, minimind_tokenizer
     with pytest.raises(DataError, match="bad.txt:2: not valid UTF-8"):
         _run(data, "pretrain", minimind_tokenizer, tmp_path / "set",
              {str(tmp_path): [str(tmp_path / "bad.txt"), str(tmp_path / "ok.txt")]})
+
+
+def test_replay_units_take_their_share_of_the_final_training_set(tmp_path, shared_data, minimind_tokenizer):
+    from orchestrator.data.units import main_amount, replay_unit
+
+    legal = DataSourceConfig(path=str(shared_data / "pretrain" / "legal"), text_unit="line", max_records=600)
+    replay = {"source": {"path": str(shared_data / "sft" / "medical_alpaca.jsonl"), "format": "alpaca",
+                         "max_records": 300}, "ratio": 0.25}
+    data = DataConfig(sources=[legal], block_size=64, replay=[replay])
+    files = {legal.path: sorted(str(p) for p in (shared_data / "pretrain" / "legal").glob("*.md"))}
+    units = plan_units(data, files, {f: 1000 for f in files[legal.path]}, 1 << 30)
+    summaries = [tokenize_unit(read_unit(u, "pretrain", data), "pretrain", data, minimind_tokenizer, None,
+                               str(tmp_path)) for u in units]
+    main = main_amount("pretrain", summaries)
+    summaries.append(replay_unit(len(units), 0, "pretrain", data, minimind_tokenizer, None, main, str(tmp_path)))
+    manifest = merge_summaries(summaries, "pretrain", data, "key", {})
+    [entry] = manifest.stats["replay"]
+    assert abs(entry["realised"] - 0.25) <= 0.02 and manifest.stats["replay_share"] == entry["realised"]
+    replayed = read_shard(str(tmp_path), manifest.part("train")[-1])
+    assert replayed.num_rows * 64 == entry["tokens"]
+    assert str(shared_data / "sft" / "medical_alpaca.jsonl") in manifest.stats["files"]
+    assert manifest.stats["records"] == 600  # the stage's own records; replay is counted in its entry
+
+
+def test_stage2_replay_mixes_documents_as_fully_trained_examples(tmp_path, shared_data, minimind_tokenizer):
+    from orchestrator.data.units import main_amount, replay_unit
+
+    path = str(shared_data / "sft" / "medical_alpaca.jsonl")
+    replay = {"source": {"path": str(shared_data / "pretrain" / "medical" / "fever.txt"), "max_records": 200},
+              "ratio": 0.25}
+    data = DataConfig(sources=[DataSourceConfig(path=path, max_records=150)], max_length=128, eval_split=0.0,
+                      replay=[replay])
+    template = select_template(data.template, minimind_tokenizer)
+    [unit] = plan_units(data, {path: [path]}, {path: 1000}, 1)
+    summaries = [tokenize_unit(read_unit(unit, "sft", data), "sft", data, minimind_tokenizer, template, str(tmp_path))]
+    assert main_amount("sft", summaries) == 150
+    summaries.append(replay_unit(1, 0, "sft", data, minimind_tokenizer, template, 150, str(tmp_path)))
+    manifest = merge_summaries(summaries, "sft", data, "key", {})
+    [entry] = manifest.stats["replay"]
+    assert entry["examples"] == 50 and entry["realised"] == 50 / 200 and manifest.stats["train_examples"] == 200
+    replayed = read_shard(str(tmp_path), manifest.part("train")[-1]).to_pydict()
+    assert all(labels == ids for ids, labels in zip(replayed["input_ids"], replayed["labels"]))  # every token
