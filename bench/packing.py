@@ -94,22 +94,18 @@ def library_grouping() -> Optional[Callable[..., list[list[int]]]]:
 def stage2_our_batches(table: pa.Table, data: DataConfig, seed: int) -> tuple[Iterable[dict], str]:
     """Stage-2 micro-batches the way the trainer forms them, and a phrase saying how.
 
-    The trainer groups by length when `data.group_by_length` is on (`fit_stage`: lengths_of →
-    group_by_length → prebatch_table, one row per micro-batch); without the option or the library
-    function, rows are batched in their prepared order.
+    The workers group by length when `data.group_by_length` is on (the shard reader: group_by_length
+    over each window of rows); without the option or the library function, rows are batched in their
+    prepared order.
     """
     group = library_grouping()
     columns = _rows(table)
     if group is None or not getattr(data, "group_by_length", False):
         why = "no library grouping function" if group is None else "data.group_by_length is off"
         return index_batches(columns, consecutive(table.num_rows)), f"rows in prepared order ({why})"
-    from orchestrator.data.batching import lengths_of, prebatch_table
+    from orchestrator.data.batching import lengths_of
 
-    # One table row per micro-batch, exactly what the trainer hands Ray Data (order is irrelevant here).
-    prebatched = _rows(prebatch_table(table, group(lengths_of(table), MICRO_BATCH, seed)))
-    batches = ({name: list(column[i]) for name, column in prebatched.items()}
-               for i in range(len(prebatched["input_ids"])))
-    return batches, "library group_by_length micro-batches"
+    return index_batches(columns, group(lengths_of(table), MICRO_BATCH, seed)), "library group_by_length micro-batches"
 
 
 def stage1_rows(tokenizer: Any) -> tuple[list[float], list[float], dict]:

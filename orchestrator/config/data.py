@@ -209,7 +209,8 @@ class PrepareConfig(Section):
         "with one and grows while CPUs are free, so read tasks always find a CPU.",
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each tokenizer actor holds.")
-    cpus_per_read_task: float = Field(1.0, gt=0, description="CPUs each read/validate/convert task holds.")
+    cpus_per_read_task: float = Field(0.5, gt=0, description="CPUs each read/validate/convert task holds (reading "
+                                      "and parsing are light next to tokenizing).")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources every prepare task and actor needs, to keep them "
         "on a labelled CPU pool, e.g. {data_cpu: 1}.",

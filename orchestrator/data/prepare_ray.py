@@ -35,7 +35,7 @@ from orchestrator.errors import DataError
 log = logging.getLogger(__name__)
 
 SHARDED_STAGES = ("pretrain", "sft")
-READ_MEMORY_FLOOR = 64 * 2**20  # bytes a read task reserves at least
+READ_MEMORY_FLOOR = 256 * 2**20  # bytes a read task reserves at least (its process, pyarrow, the parsers)
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,10 @@ class _TokenizeUnits:
         from orchestrator.model.loading import fetch_tokenizer, load_tokenizer
 
         storage.configure(ray.get(settings) if isinstance(settings, ray.ObjectRef) else settings)
+        if data.prepare.cpus_per_actor <= 1:
+            # The pool is the parallelism: an actor holding one CPU keeps the Rust tokenizer to one thread (else
+            # every actor starts a thread per core of the node and they all contend).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.stage, self.data, self.set_uri = stage, data, set_uri
         if storage.is_remote(tokenizer_uri):
             self._tmp = tempfile.TemporaryDirectory(prefix="prepare-tokenizer-")

@@ -90,6 +90,13 @@ def token_table(input_ids: list[np.ndarray], labels: Optional[list[np.ndarray]] 
     return pa.table(out)
 
 
+def blocks_table(blocks: np.ndarray) -> pa.Table:
+    """Stage 1 blocks ([n, block_size] int32) as the list<int32> `input_ids` column, without copying row by row."""
+    flat = pa.array(blocks.reshape(-1).astype(np.int32, copy=False))
+    offsets = pa.array(np.arange(0, blocks.size + 1, max(blocks.shape[1], 1), dtype=np.int32)[: len(blocks) + 1])
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, flat)})
+
+
 def write_shard(set_uri: str, name: str, part: str, table: pa.Table) -> ShardInfo:
     """Write one shard (Parquet) and describe it; the bytes are hashed as written."""
     sink = pa.BufferOutputStream()

@@ -25,7 +25,7 @@ from orchestrator.data.readers import read_file
 from orchestrator.data.replay import document_examples, load_replay, replay_amounts, take_examples, take_tokens
 from orchestrator.data.sft import IGNORE_INDEX, tokenize_conversations
 from orchestrator.data.shapes import resolve_dataset
-from orchestrator.data.shards import ShardInfo, ShardManifest, shard_name, token_table, write_shard
+from orchestrator.data.shards import ShardInfo, ShardManifest, blocks_table, shard_name, token_table, write_shard
 from orchestrator.data.templates import ChatTemplate
 from orchestrator.errors import DataError, DataValidationError, RecordError
 
@@ -107,8 +107,9 @@ def _copies(weight: float, seed: int, origin: str) -> int:
 
 
 def read_unit(unit: Unit, stage: str, data: DataConfig) -> dict[str, Any]:
-    """Read, validate and convert one unit: its items (encoded) with their part, and what went wrong where
-    (scalar and JSON-text columns only, so every unit's row has the same Arrow schema).
+    """Read, validate and convert one unit: its items (stage 1 document texts, stage 2 conversations as JSON) with
+    their part, and what went wrong where (scalar and JSON-text columns only, so every unit's row has the same
+    Arrow schema).
 
     Never raises for data problems: bad records are counted per file (the first few listed), and a
     problem that stops the whole stage is returned as `fatal`, so the driver reports every unit's findings.
@@ -138,7 +139,7 @@ def read_unit(unit: Unit, stage: str, data: DataConfig) -> dict[str, Any]:
                 key = split_key(item.origin, source.path)
                 held_out = unit.role == "eval" or hash_share(data.shuffle_seed, key) < data.eval_split
                 for _ in range(1 if held_out else _copies(source.weight, data.shuffle_seed, key)):
-                    items.append(_encode(item))
+                    items.append(item.text if stage == "pretrain" else _encode(item))
                     parts.append("eval" if held_out else "train")
         fatal = ""
     except DataError as exc:
@@ -156,11 +157,11 @@ def tokenize_unit(row: dict[str, Any], stage: str, data: DataConfig, tokenizer: 
     stats: dict[str, int] = {}
     if not row["fatal"]:
         for part in ("train", "eval"):
-            items = [decode_item(text) for text, p in zip(row["items"], row["parts"]) if p == part]
+            items = [text for text, p in zip(row["items"], row["parts"]) if p == part]
             if not items:
                 continue
             table, part_stats = (_pack(items, tokenizer, data.block_size) if stage == "pretrain"
-                                 else _mask(items, tokenizer, template, data))
+                                 else _mask([decode_item(text) for text in items], tokenizer, template, data))
             for key, value in part_stats.items():
                 stats[f"{part}_{key}"] = stats.get(f"{part}_{key}", 0) + value
             if table.num_rows:
@@ -168,12 +169,12 @@ def tokenize_unit(row: dict[str, Any], stage: str, data: DataConfig, tokenizer: 
     return {**summary, "shards": json.dumps([asdict(s) for s in shards]), "stats": json.dumps(stats)}
 
 
-def _pack(documents: Sequence[Document], tokenizer: Any, block_size: int) -> tuple[Any, dict[str, int]]:
+def _pack(texts: Sequence[str], tokenizer: Any, block_size: int) -> tuple[Any, dict[str, int]]:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; stage 1 needs one to separate documents")
-    packed = pack_token_lists(encode_texts([d.text for d in documents], tokenizer), tokenizer.eos_token_id, block_size)
-    return token_table(list(packed.blocks)), {"documents": len(documents), "blocks": len(packed.blocks),
-                                              "tokens": int(packed.blocks.size), "tail_tokens": packed.dropped_tokens}
+    packed = pack_token_lists(encode_texts(texts, tokenizer), tokenizer.eos_token_id, block_size)
+    return blocks_table(packed.blocks), {"documents": len(texts), "blocks": len(packed.blocks),
+                                         "tokens": int(packed.blocks.size), "tail_tokens": packed.dropped_tokens}
 
 
 def _mask(conversations: Sequence[Conversation], tokenizer: Any, template: ChatTemplate,
@@ -216,7 +217,7 @@ def replay_unit(index: int, entry_index: int, stage: str, data: DataConfig, toke
             pool = tokenize_documents(records, tokenizer)
             pool_tokens = sum(len(ids) + 1 for ids in pool)
             packed = pack_token_lists(take_tokens(pool, target, seed), tokenizer.eos_token_id, data.block_size)
-            table = token_table(list(packed.blocks))
+            table = blocks_table(packed.blocks)
             stats = {"train_tokens": int(packed.blocks.size), "train_blocks": len(packed.blocks),
                      "train_tail_tokens": packed.dropped_tokens}
             info = {"source": entry.source.path, "ratio": entry.ratio, "tokens": int(packed.blocks.size),

@@ -8,7 +8,6 @@ from orchestrator.data.batching import (
     group_by_length,
     lengths_of,
     padding_efficiency,
-    prebatch_table,
 )
 from orchestrator.train.recipe import schedule_for
 
@@ -29,13 +28,8 @@ def test_padding_efficiency_is_exact():
     assert consecutive_batches(5, 2) == [[0, 1], [2, 3], [4]]
 
 
-def test_prebatch_table_holds_one_micro_batch_per_row():
-    table = pa.table({"input_ids": pa.array([[1, 2], [3], [4, 5, 6]], type=pa.list_(pa.int32())),
-                      "labels": pa.array([[-100, 2], [3], [-100, 5, 6]], type=pa.list_(pa.int32()))})
+def test_lengths_of_a_token_table_and_a_schedule_of_micro_batches():
+    table = pa.table({"input_ids": pa.array([[1, 2], [3], [4, 5, 6]], type=pa.list_(pa.int32()))})
     assert lengths_of(table) == [2, 1, 3]
-    grouped = prebatch_table(table, [[2, 0], [1]])
-    assert grouped.num_rows == 2
-    assert grouped.column("input_ids").to_pylist() == [[[4, 5, 6], [1, 2]], [[3]]]
-    assert grouped.column("labels").to_pylist() == [[[-100, 5, 6], [-100, 2]], [[3]]]
-    # the schedule then counts micro-batches: 2 rows, 1 worker, 1 row per micro-batch
-    assert schedule_for(2, 1, 1, 1, 3).total_steps == 6
+    # 10 rows, 2 workers, micro-batches of 2, accumulation 2: 5 rows each -> 2 micro-batches -> 1 step an epoch
+    assert schedule_for(10, 2, 2, 2, 3).total_steps == 3
