@@ -191,7 +191,7 @@ def main(sizes: list[int]) -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    results = ROOT / "bench" / "results" / "prepare_scale.json"
+    results = ROOT / "bench" / "results" / os.environ.get("BENCH_OUT", "prepare_scale.json")
     results.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": cpus,
                                    "prepare": prepare.model_dump(), "rows": rows}, indent=1) + "\n")
     print(f"written {results}")
