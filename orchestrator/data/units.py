@@ -160,7 +160,7 @@ def tokenize_unit(row: dict[str, Any], stage: str, data: DataConfig, tokenizer: 
             items = [text for text, p in zip(row["items"], row["parts"]) if p == part]
             if not items:
                 continue
-            table, part_stats = (_pack(items, tokenizer, data.block_size) if stage == "pretrain"
+            table, part_stats = (_pack(items, tokenizer, data.block_size, keep_tail=part == "eval") if stage == "pretrain"
                                  else _mask([decode_item(text) for text in items], tokenizer, template, data))
             for key, value in part_stats.items():
                 stats[f"{part}_{key}"] = stats.get(f"{part}_{key}", 0) + value
@@ -169,12 +169,21 @@ def tokenize_unit(row: dict[str, Any], stage: str, data: DataConfig, tokenizer: 
     return {**summary, "shards": json.dumps([asdict(s) for s in shards]), "stats": json.dumps(stats)}
 
 
-def _pack(texts: Sequence[str], tokenizer: Any, block_size: int) -> tuple[Any, dict[str, int]]:
+def _pack(texts: Sequence[str], tokenizer: Any, block_size: int, keep_tail: bool = False) -> tuple[Any, dict[str, int]]:
+    """Stage-1 blocks of a unit's texts. `keep_tail` (held-out texts): the incomplete last block stays as a shorter
+    row, so a unit's few held-out documents still evaluate (training drops it: every trained token is real text,
+    every block full)."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; stage 1 needs one to separate documents")
-    packed = pack_token_lists(encode_texts(texts, tokenizer), tokenizer.eos_token_id, block_size)
-    return blocks_table(packed.blocks), {"documents": len(texts), "blocks": len(packed.blocks),
-                                         "tokens": int(packed.blocks.size), "tail_tokens": packed.dropped_tokens}
+    ids = encode_texts(texts, tokenizer)
+    packed = pack_token_lists(ids, tokenizer.eos_token_id, block_size)
+    stats = {"documents": len(texts), "blocks": len(packed.blocks), "tokens": int(packed.blocks.size),
+             "tail_tokens": packed.dropped_tokens}
+    if not (keep_tail and packed.dropped_tokens):
+        return blocks_table(packed.blocks), stats
+    tail = pack_token_lists(ids, tokenizer.eos_token_id, 1).blocks.reshape(-1)[-packed.dropped_tokens:]
+    rows = [*packed.blocks, tail]
+    return token_table(rows), {**stats, "blocks": len(rows), "tokens": stats["tokens"] + len(tail), "tail_tokens": 0}
 
 
 def _mask(conversations: Sequence[Conversation], tokenizer: Any, template: ChatTemplate,

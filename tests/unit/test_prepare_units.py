@@ -126,3 +126,20 @@ def test_stage2_replay_mixes_documents_as_fully_trained_examples(tmp_path, share
     assert entry["examples"] == 50 and entry["realised"] == 50 / 200 and manifest.stats["train_examples"] == 200
     replayed = read_shard(str(tmp_path), manifest.part("train")[-1]).to_pydict()
     assert all(labels == ids for ids, labels in zip(replayed["input_ids"], replayed["labels"]))  # every token
+
+
+def test_held_out_documents_keep_their_last_short_block(tmp_path, shared_data, minimind_tokenizer):
+    """A unit's few held-out documents are less than a block: they still make one (shorter) eval row."""
+    legal = DataSourceConfig(path=str(shared_data / "pretrain" / "legal"), text_unit="line", max_records=300)
+    data = DataConfig(sources=[legal], block_size=512, eval_split=0.02)
+    files = {legal.path: sorted(str(p) for p in (shared_data / "pretrain" / "legal").glob("*.md"))}
+    [unit] = plan_units(data, files, {f: 1000 for f in files[legal.path]}, 1 << 30)
+    row = read_unit(unit, "pretrain", data)
+    summary = tokenize_unit(row, "pretrain", data, minimind_tokenizer, None, str(tmp_path))
+    manifest = merge_summaries([summary], "pretrain", data, "key", {})
+    eval_texts = [text for text, part in zip(row["items"], row["parts"]) if part == "eval"]
+    expected = sum(len(ids) + 1 for ids in minimind_tokenizer(eval_texts, add_special_tokens=False)["input_ids"])
+    assert 0 < expected < 2 * 512 and manifest.tokens("eval") == expected  # every held-out token, none dropped
+    lengths = [len(r) for r in read_shard(str(tmp_path), manifest.part("eval")[0]).column("input_ids").to_pylist()]
+    assert all(n == 512 for n in lengths[:-1]) and 0 < lengths[-1] <= 512
+    assert manifest.stats["train_tokens"] % 512 == 0  # training blocks stay full
