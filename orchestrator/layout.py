@@ -5,7 +5,8 @@ Layout under `<checkpoint.storage_path>/<run_name>/` (a local path or an `s3://`
     base/              the tiny base model + tokenizer (only when model.tiny is used)
     <stage>-base/      a stage's derived base: init_adapters merged, vocabulary grown (reused on reruns)
     <stage>/           the stage's Ray Train run: checkpoint_step*/ (see orchestrator.checkpoint)
-    data/<stage>/      prepared data of a stage (shards + manifest; stage 3: reference-logps-<key>.json)
+    data/<stage>/      prepared data of a stage: <fingerprint>/ shard sets (shards + manifest), file-identities.json
+                       (local sources' sha256 by size + mtime); stage 3: reference-logps-<key>.json
     logs/<stage>/      metrics.jsonl, TensorBoard events, worker-<rank>.log (local storage; see `logs`)
     logs/driver.log    every log line of the commands run against the run
     models/<stage>/    the stage's final model, LoRA merged: loads with from_pretrained

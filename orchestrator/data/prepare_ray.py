@@ -30,11 +30,12 @@ from orchestrator.data.shapes import resolve_dataset, shape_inputs
 from orchestrator.data.shards import ShardManifest, complete_sets, read_manifest, write_manifest
 from orchestrator.data.templates import select_template
 from orchestrator.data.units import Unit, main_amount, merge_summaries, plan_units, read_unit, replay_unit, tokenize_unit
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
 SHARDED_STAGES = ("pretrain", "sft")
+IDENTITIES = "file-identities.json"  # under <run>/data/<stage>/: local files' sha256 by size and mtime
 READ_MEMORY_FLOOR = 256 * 2**20  # bytes a read task reserves at least (its process, pyarrow, the parsers)
 
 
@@ -79,11 +80,38 @@ def expand_sources(data: DataConfig) -> tuple[dict[str, list[str]], dict[str, st
     return expanded, shape_files
 
 
+def source_identities(uris: list[str], stage_data_uri: str) -> dict[str, str]:
+    """Each file's identity (fingerprint.file_identity). A local file whose size and mtime are those recorded at the
+    stage's last prepare keeps its recorded sha256 instead of being read again (as git does), so a warm rerun on a
+    large corpus costs a stat per file; S3 objects cost a HEAD request (size + ETag)."""
+    record_uri = storage.join(stage_data_uri, IDENTITIES)
+    try:
+        recorded = json.loads(storage.read_bytes(record_uri))
+    except (FileNotFoundError, StorageError, ValueError):
+        recorded = {}
+    identities, stamps = {}, {}
+    for uri in uris:
+        if storage.is_remote(uri):
+            identities[uri] = file_identity(uri)
+            continue
+        stat = os.stat(storage.local_path(uri))
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        known = recorded.get(uri) or {}
+        identities[uri] = known["identity"] if known.get("stamp") == stamp else file_identity(uri)
+        stamps[uri] = {"stamp": stamp, "identity": identities[uri]}
+    if stamps and any(recorded.get(uri) != entry for uri, entry in stamps.items()):
+        storage.write_bytes(record_uri, json.dumps({**recorded, **stamps}, indent=0, sort_keys=True).encode("utf-8"))
+    return identities
+
+
 def stage_fingerprint(stage: str, data: DataConfig, expanded: dict[str, list[str]], shape_files: dict[str, str],
-                      tokenizer_dir: str) -> Fingerprint:
+                      tokenizer_dir: str, stage_data_uri: Optional[str] = None) -> Fingerprint:
     """The cache key of a stage's shard set: file identities (size + sha256, or S3 size + ETag), the tokenizer's
-    files (weights excluded) and the settings that change ids."""
-    files = {uri: file_identity(uri) for uri in sorted({u for group in expanded.values() for u in group})}
+    files (weights excluded) and the settings that change ids. With `stage_data_uri`, local files' sha256 are
+    remembered there by size and mtime (source_identities)."""
+    uris = sorted({u for group in expanded.values() for u in group})
+    files = (source_identities(uris, stage_data_uri) if stage_data_uri is not None
+             else {uri: file_identity(uri) for uri in uris})
     files.update({f"shape:{name}": value for name, value in shape_files.items()})
     from orchestrator.model.loading import WEIGHT_SUFFIXES  # torch: not in the read tasks' processes
     tokenizer = {}
@@ -112,7 +140,7 @@ def prepare_stage_shards(stage: str, data: DataConfig, tokenizer_uri: str, token
     expanded, shape_files = expand_sources(data)
     replayed, replay_shapes = expand_sources(DataConfig(sources=[entry.source for entry in data.replay]))
     fingerprint = stage_fingerprint(stage, data, {**expanded, **replayed}, {**shape_files, **replay_shapes},
-                                    tokenizer_dir)
+                                    tokenizer_dir, stage_data_uri)
     set_uri = storage.join(stage_data_uri, fingerprint.key)
     manifest = read_manifest(set_uri)
     if manifest is not None:

@@ -224,7 +224,7 @@ def test_a_prepare_cut_off_before_its_manifest_is_never_used(two_nodes, shared_d
         patch.setattr(prepare_ray, "write_manifest", killed)
         with pytest.raises(KeyboardInterrupt):
             _prepare("pretrain", data, tokenizer_dir, tmp_path)
-    [partial] = [p for p in (tmp_path / "data" / "pretrain").iterdir()]
+    [partial] = [p for p in (tmp_path / "data" / "pretrain").iterdir() if p.is_dir()]
     assert sorted(p.name for p in partial.iterdir()) == ["eval-00000.parquet", "train-00000.parquet",
                                                           "train-00001.parquet"]
     assert shards.read_manifest(str(partial)) is None and not shards.complete_sets(str(partial.parent))

@@ -146,3 +146,25 @@ def test_eval_reading_sees_every_row_in_order(tmp_path):
     batches = list(ShardReader(str(tmp_path / "set"), manifest).iter_batches(batch_size=2))
     assert [len(b["input_ids"]) for b in batches] == [2, 1, 2]
     assert (tmp_path / "set" / MANIFEST).exists()
+
+
+def test_source_identities_rehash_only_files_whose_size_or_mtime_changed(tmp_path, monkeypatch):
+    import os
+
+    from orchestrator.data import prepare_ray
+
+    files = []
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name}\n", encoding="utf-8")
+        files.append(str(tmp_path / name))
+    first = prepare_ray.source_identities(files, str(tmp_path / "data"))
+    assert first == {f: file_identity(f) for f in files} and (tmp_path / "data" / prepare_ray.IDENTITIES).exists()
+
+    read = []
+    monkeypatch.setattr(prepare_ray, "file_identity", lambda uri: read.append(uri) or file_identity(uri))
+    assert prepare_ray.source_identities(files, str(tmp_path / "data")) == first and read == []  # stat only
+    (tmp_path / "b.txt").write_text("b, edited\n", encoding="utf-8")
+    stat = os.stat(files[1])
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = prepare_ray.source_identities(files, str(tmp_path / "data"))
+    assert read == [files[1]] and again[files[0]] == first[files[0]] and again[files[1]] != first[files[1]]
