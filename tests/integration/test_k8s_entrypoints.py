@@ -57,10 +57,14 @@ def finish(name: str, running: tuple[subprocess.Popen, float]) -> str:
     return output
 
 
-def stage_lines(output: str) -> dict[str, dict]:
-    """The per-stage JSON lines the training jobs print."""
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"stage"')]
-    return {line["stage"]: line for line in lines}
+def stage_models(output: str) -> dict[str, str]:
+    """Each stage's model as the job's closing summary names it: `<stage>: 12 s; …` then `  model  <uri>`."""
+    lines, models = output.splitlines(), {}
+    for head, following in zip(lines, lines[1:]):
+        stage = head.split(":", 1)[0]
+        if stage in ("pretrain", "sft", "preference") and following.split()[:1] == ["model"]:
+            models[stage] = following.split(None, 1)[1]
+    return models
 
 
 def test_every_rayjob_entrypoint_of_the_dev_overlay_runs(entrypoints, tmp_path):
@@ -75,11 +79,11 @@ def test_every_rayjob_entrypoint_of_the_dev_overlay_runs(entrypoints, tmp_path):
         sft, tune = start(entrypoints["llm-sft"], jobs_dir, env), start(entrypoints["llm-tune"], jobs_dir, env)
         sft, tune, pipeline = finish("llm-sft", sft), finish("llm-tune", tune), finish("llm-pipeline", pipeline)
 
-    assert stage_lines(pretrain)["pretrain"]["model"] == str(jobs_dir / RUN / "models" / "pretrain")
+    assert stage_models(pretrain)["pretrain"] == str(jobs_dir / RUN / "models" / "pretrain")
     assert (jobs_dir / RUN / "models" / "pretrain" / "model.safetensors").is_file()
 
     sft_model = jobs_dir / RUN / "models" / "sft"
-    assert stage_lines(sft)["sft"]["model"] == str(sft_model)
+    assert stage_models(sft)["sft"] == str(sft_model)
     lineage = json.loads((sft_model / "lineage.json").read_text())
     assert lineage["config"]["model"]["base"] == "runs/cluster-dev/models/pretrain"  # stage 2 on stage 1's model
 
@@ -87,5 +91,5 @@ def test_every_rayjob_entrypoint_of_the_dev_overlay_runs(entrypoints, tmp_path):
     results = next(line.split()[1:] for line in tune.splitlines() if line.startswith("results: "))
     assert all(Path(path).is_file() for path in results), results
 
-    assert sorted(stage_lines(pipeline)) == ["pretrain", "sft"]
+    assert sorted(stage_models(pipeline)) == ["pretrain", "sft"]
     assert (pipeline_dir / RUN / "models" / "sft" / "config.json").is_file()
