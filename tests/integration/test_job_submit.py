@@ -45,10 +45,14 @@ def test_a_relative_storage_path_is_refused_in_a_job_with_a_working_dir(ray_head
 
 
 def test_ray_job_submit_pretrain(ray_head, tmp_path):
+    """A job with --verbose: its output (streamed by `ray job submit`) has every log line, the Ray Train
+    workers' included (the quiet default is checked by tests/integration/test_k8s_entrypoints.py)."""
     storage = tmp_path / "runs"
-    done = submit(ray_head, f"checkpoint.storage_path={storage}", "run_name=job", "pretrain.train.epochs=1")
+    done = submit(ray_head, f"checkpoint.storage_path={storage}", "run_name=job", "pretrain.train.epochs=1",
+                  "--verbose")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
+    assert "RayTrainWorker" in done.stdout and "epoch 1/1 done" in done.stdout and " INFO " in done.stdout
     checkpoint = latest_complete_checkpoint(str(storage / "job" / "pretrain"))
     assert checkpoint is not None and (Path(checkpoint) / "model" / "model.safetensors").is_file()
     assert (storage / "job" / "models" / "pretrain" / "config.json").is_file()
