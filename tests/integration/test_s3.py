@@ -208,6 +208,15 @@ def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_serve
     # One node: the base weights cross the wire once for both workers, and not again after the restart
     # (the driver reads only the tokenizer's small files).
     assert weights and {path: proxy.bytes_served.get(path, 0) for path in weights} == weights
+    records = read_stage_metrics(RunLayout.of(config), "pretrain")
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 4
+    steps_after = [r["step"] for r in records[records.index(resumed[0]):] if "train_loss" in r]
+    assert steps_after[0] == resumed[0]["step"] + 1
+    final_steps = {i.step for i in list_checkpoints(f"s3://{BUCKET}/{prefix}/s3run/pretrain")}
+    assert max(final_steps) == max(i.step for i in list_checkpoints(f"s3://{BUCKET}/{prefix}-ref/s3run/pretrain"))
+    assert abs(final_eval_loss(config) - final_eval_loss(reference)) < 0.15
+    assert result.model_uri.startswith("s3://")
 
 
 def test_interrupted_checkpoint_upload_is_never_taken_as_latest(ray_cluster, s3_server, shared_data):
