@@ -18,7 +18,7 @@ def test_quiet_console_shows_our_warnings_and_everyones_errors_only(capsys):
         logging.getLogger("orchestrator.plan").warning("plan does not fit")
         logging.getLogger("orchestrator.train").info("step 3 of 9")
         logging.getLogger("deepspeed").warning("a DeepSpeed banner")
-        logging.getLogger("torch.distributed").error("worker group failed")
+        logging.getLogger("their_library.workers").error("worker group failed")  # a propagating logger
         # Ray's loggers print through a console handler of their own once ray is imported (they do not
         # propagate to ours): quiet keeps their errors on.
         assert logging.getLogger("ray.train").isEnabledFor(logging.ERROR)
