@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.config import DataConfig, NodeCacheConfig
+from orchestrator.data.formats import Document
 from orchestrator.data.fingerprint import Fingerprint, compute_fingerprint, describe_change, file_identity, id_settings
 from orchestrator.data.readers import SUPPORTED_SUFFIXES
 from orchestrator.data.shapes import resolve_dataset, shape_inputs
@@ -176,6 +177,19 @@ def prepare_stage_shards(stage: str, data: DataConfig, tokenizer_uri: str, token
         log.warning("skipped bad record: %s", listed)
     return PreparedShards(set_uri, manifest, reused=False, change=change, nodes=nodes, seconds=seconds,
                           driver_bytes=driver_bytes)
+
+
+def held_out_texts(data: DataConfig) -> list[Document]:
+    """Stage 1's held-out documents of its split sources, by the same units and rule as its prepare (read here, in
+    this process): what evaluation measures perplexity on when the config names no eval set of its own."""
+    split_only = data.model_copy(update={"eval_sources": []})
+    expanded, _ = expand_sources(split_only)
+    sizes = _file_sizes([uri for group in expanded.values() for uri in group])
+    documents = []
+    for unit in plan_units(split_only, expanded, sizes, int(data.prepare.unit_mb * 2**20)):
+        row = read_unit(unit, "pretrain", data)
+        documents += [Document(text, unit.files[0]) for text, part in zip(row["items"], row["parts"]) if part == "eval"]
+    return documents
 
 
 def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: str, set_uri: str,

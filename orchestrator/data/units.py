@@ -2,11 +2,12 @@
 tokenizer actors of orchestrator.data.prepare_ray).
 
 A unit is a run of consecutive files of one source (at least `unit_bytes`), read by one
-task and written as one train shard (+ one eval shard). Every decision is a function of the record
-alone, so units are independent: a record is held out when a hash of (seed, its origin inside the
-source) falls below `eval_split`, and a fractional source weight keeps a record by the same kind of hash. Stage 1 packs
-each unit's documents on their own (the incomplete tail block of a unit is dropped and counted);
-stage 2 masks and truncates each conversation as the in-memory path does.
+task and written as one train shard (+ one eval shard). Every decision is made inside one unit, so units
+are independent: a record is held out when a hash of (seed, its origin inside the source) falls below
+`eval_split` (a unit of two or more records the hash held nothing out of holds out its lowest-hash record
+instead, so small data still has a held-out set), and a fractional source weight keeps a record by the same
+kind of hash. Stage 1 packs each unit's documents on their own (the incomplete tail block of a unit is dropped
+and counted); stage 2 masks and truncates each conversation as the in-memory path does.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def _stage_item(item: Document | Conversation, stage: str, data: DataConfig, sou
     return item
 
 
+def _unit_item(item: Document | Conversation, stage: str) -> str:
+    return item.text if stage == "pretrain" else _encode(item)
+
+
 def _copies(weight: float, seed: int, origin: str) -> int:
     whole, fraction = int(weight), weight - int(weight)
     return whole + (1 if fraction > 0 and hash_share(seed, origin, "weight") < fraction else 0)
@@ -118,6 +123,7 @@ def read_unit(unit: Unit, stage: str, data: DataConfig) -> dict[str, Any]:
     items, parts, errors, digests = [], [], [], {}
     per_file: Counter = Counter()
     records = count = filtered = 0
+    held_out_any, lowest = False, None  # lowest: (hash share, index in items, copies, item) of the lowest-hash trained record
     try:
         for uri in unit.files:
             for raw in read_file(uri, source.text_unit, digests, source.records, source.keyed_by):
@@ -137,13 +143,24 @@ def read_unit(unit: Unit, stage: str, data: DataConfig) -> dict[str, Any]:
                 records += 1
                 item = _stage_item(item, stage, data, source)
                 key = split_key(item.origin, source.path)
-                held_out = unit.role == "eval" or hash_share(data.shuffle_seed, key) < data.eval_split
-                for _ in range(1 if held_out else _copies(source.weight, data.shuffle_seed, key)):
-                    items.append(item.text if stage == "pretrain" else _encode(item))
-                    parts.append("eval" if held_out else "train")
+                share = hash_share(data.shuffle_seed, key)
+                held_out = unit.role == "eval" or share < data.eval_split
+                copies = 1 if held_out else _copies(source.weight, data.shuffle_seed, key)
+                if not held_out and (lowest is None or share < lowest[0]):
+                    lowest = (share, len(items), copies, item)
+                held_out_any = held_out_any or held_out
+                items.extend([_unit_item(item, stage)] * copies)
+                parts.extend(["eval" if held_out else "train"] * copies)
         fatal = ""
     except DataError as exc:
         fatal = str(exc)
+    if not fatal and data.eval_split > 0 and not held_out_any and records >= 2 and lowest is not None:
+        # A small unit the hash held nothing out of (likely below ~1/eval_split records): its lowest-hash
+        # record is held out instead, so every unit of two or more records contributes to the held-out set.
+        _, start, copies, item = lowest
+        del items[start:start + copies], parts[start:start + copies]
+        items.append(_unit_item(item, stage))
+        parts.append("eval")
     return {"unit": unit.index, "items": items, "parts": parts, "records": records, "filtered": filtered,
             "errors": json.dumps(errors), "bad_per_file": json.dumps(dict(per_file)), "files": json.dumps(digests),
             "fatal": fatal}

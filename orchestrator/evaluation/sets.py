@@ -33,6 +33,7 @@ from orchestrator.config import (
 )
 from orchestrator.data.formats import CONVERTERS, Document, detect_format, load_examples
 from orchestrator.data.prepare import split_eval
+from orchestrator.data.prepare_ray import held_out_texts
 from orchestrator.data.preference import PreferencePair, load_preference_records
 from orchestrator.data.readers import JSON_SUFFIXES, PARQUET_SUFFIXES, RawRecord, read_file
 from orchestrator.data.shapes import render_template, shape_value
@@ -353,10 +354,8 @@ def held_out_documents(config: PipelineConfig) -> list[Document]:
             documents, _ = load_examples(data.eval_sources, "documents", data.bad_records,
                                          data.conversations_as_documents, data.shuffle_seed)
         else:
-            # The same call and seed as stage 1's data preparation, so these are the documents it held out.
-            everything, _ = load_examples(data.sources, "documents", data.bad_records,
-                                          data.conversations_as_documents, data.shuffle_seed)
-            _, documents = split_eval(everything, data.eval_split, data.shuffle_seed)
+            # The same units and hash rule as stage 1's prepare, so these are the documents it held out.
+            documents = held_out_texts(data)
             if not documents:
                 raise ConfigError("eval.perplexity.sources is empty and pretrain.data.eval_split holds out no "
                                   "documents; list sources under eval.perplexity.sources")

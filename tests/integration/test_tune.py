@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,8 +61,14 @@ def tune_cluster(s3_server):
                 os.environ[name] = value
 
 
+def _last_checkpoint_step(objects: dict) -> int:
+    """The highest step of a complete checkpoint (one with its manifest) among a trial's object keys."""
+    steps = [int(m.group(1)) for key in objects if (m := re.search(r"/checkpoint_step(\d+)/manifest\.json$", key))]
+    return max(steps, default=0)
+
+
 def sweep_tree(storage_path: str, **tune) -> dict:
-    """Stage 1 on the demo notes, tiny model, 1 worker, ZeRO-0; 24 optimizer steps per epoch."""
+    """Stage 1 on the demo notes, tiny model, 1 worker, ZeRO-0."""
     return {
         "run_name": "sweep",
         "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -224,7 +231,10 @@ def test_killed_sweep_on_s3_resumes_without_rerunning_finished_trials(tune_clust
     # The finished trials were not rerun: their files (trial record, checkpoints, logs) are untouched.
     assert {t: _objects(client, f"{prefix}trials/{t}/") for t in finished} == before
     (interrupted,) = set(statuses) - set(finished)
-    final = f"{prefix}trials/{interrupted}/pretrain/checkpoint_step00000048/manifest.json"  # 2 epochs x 24 steps
+    # The interrupted trial ran to the same last step (2 epochs) as the trials that finished before the kill.
+    last_steps = {t: _last_checkpoint_step(before[t]) for t in finished}
+    assert len(set(last_steps.values())) == 1 and min(last_steps.values()) > 0, last_steps
+    final = f"{prefix}trials/{interrupted}/pretrain/checkpoint_step{last_steps[finished[0]]:08d}/manifest.json"
     assert final in _objects(client, f"{prefix}trials/{interrupted}/")
     assert result.best.checkpoint.startswith(f"s3://{BUCKET}/{prefix}trials/{result.best.trial_id}/pretrain/")
     best_yaml = client.get_object(Bucket=BUCKET, Key=f"{prefix}best_config.yaml")["Body"].read().decode()

@@ -13,7 +13,9 @@ from orchestrator.config import (
     QASetConfig,
     config_from_dict,
 )
-from orchestrator.data.prepare import prepare_pretrain
+from orchestrator.data.formats import load_examples
+from orchestrator.data.prepare_ray import expand_sources
+from orchestrator.data.units import plan_units, read_unit
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation.sets import held_out_documents, load_choice_set, load_probes, load_qa_set
 from orchestrator.evaluation.tasks import build_requests, choice_request
@@ -115,15 +117,22 @@ def test_honesty_probes_inline_and_from_files(tmp_path):
                                                 "2031年世界卫生组织发布的第九版发热诊疗指南有哪些新规定？"]
 
 
-def test_perplexity_defaults_to_the_documents_stage_1_held_out(small_tokenizer):
+def test_perplexity_defaults_to_the_documents_stage_1_held_out():
     pretrain = {"data": {"sources": [{"path": str(EXAMPLES / "pretrain")}], "eval_split": 0.2, "block_size": 16},
                 "train": {}}
     config = _config({"perplexity": {}}, pretrain=pretrain)
     documents = held_out_documents(config)
-    prepared = prepare_pretrain(config.pretrain.data, small_tokenizer)
-    assert len(documents) == prepared.stats["eval_documents"] > 0
-    everything = prepare_pretrain(config.pretrain.data.model_copy(update={"eval_split": 0.0}), small_tokenizer)
-    assert prepared.stats["train_documents"] + len(documents) == everything.stats["train_documents"]
+    # Exactly what stage 1's prepare holds out: its read units' eval items; the rest is what it trains on.
+    data = config.pretrain.data
+    expanded, _ = expand_sources(data)
+    units = plan_units(data, expanded, {u: 1 for group in expanded.values() for u in group}, 2**40)
+    rows = [read_unit(unit, "pretrain", data) for unit in units]
+    held = sorted(t for row in rows for t, part in zip(row["items"], row["parts"]) if part == "eval")
+    trained = [t for row in rows for t, part in zip(row["items"], row["parts"]) if part == "train"]
+    assert sorted(d.text for d in documents) == held and 0 < len(held) < len(trained)
+    assert not set(held) & set(trained)
+    everything = load_examples(data.sources, "documents", "error", False, data.shuffle_seed)[0]
+    assert sorted([*held, *trained]) == sorted(d.text for d in everything)
     # explicit sources, capped
     explicit = _config({"perplexity": {"sources": [{"path": str(EXAMPLES / "pretrain" / "medical_notes.txt")}],
                                        "max_documents": 3}})

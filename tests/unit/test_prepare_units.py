@@ -39,6 +39,21 @@ def test_hash_split_is_a_function_of_the_record():
     assert hash_share(42, "x:1") == hash_share(42, "x:1") != hash_share(43, "x:1")
 
 
+def test_a_small_unit_the_hash_holds_nothing_out_of_holds_out_its_lowest_hash_record(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("".join(f"第{i}条记录。\n" for i in range(3)), encoding="utf-8")
+    data = DataConfig(sources=[DataSourceConfig(path=str(path))], eval_split=0.001, block_size=8)
+    (unit,) = plan_units(data, {str(path): [str(path)]}, {str(path): 10}, 1)
+    row = read_unit(unit, "pretrain", data)
+    assert sorted(row["items"]) == [f"第{i}条记录。" for i in range(3)]
+    shares = {f"第{i}条记录。": hash_share(data.shuffle_seed, f"notes.txt:{i + 1}") for i in range(3)}
+    assert min(shares.values()) >= 0.001  # the hash alone holds nothing out here
+    (held,) = [t for t, part in zip(row["items"], row["parts"]) if part == "eval"]
+    assert held == min(shares, key=shares.get) and row["parts"].count("train") == 2
+    # no eval_split: nothing held out
+    assert read_unit(unit, "pretrain", data.model_copy(update={"eval_split": 0.0}))["parts"] == ["train"] * 3
+
+
 def test_stage2_units_give_the_in_memory_examples(tmp_path, shared_data, minimind_tokenizer):
     lines = (shared_data / "sft" / "medical_alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:120]
     src, paths = tmp_path / "src", []
