@@ -1,5 +1,8 @@
 """Every RayJob entrypoint of the `dev` overlay, exactly as kustomize builds it, run locally against a Ray head.
 
+The pipeline job's output is also what the CLI shows by default (quiet: progress and summaries; the
+`--verbose` side is checked by tests/integration/test_job_submit.py).
+
 On Kubernetes the command runs in the image's working directory (/app, the project) with RAY_ADDRESS set by
 Ray's job supervisor; here it runs in a scratch directory laid out like /app (the project's jobs/, configs/,
 examples/ and orchestrator/), so its relative paths and outputs (runs/) resolve the same way, against a head
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -93,3 +97,23 @@ def test_every_rayjob_entrypoint_of_the_dev_overlay_runs(entrypoints, tmp_path):
 
     assert sorted(stage_models(pipeline)) == ["pretrain", "sft"]
     assert (pipeline_dir / RUN / "models" / "sft" / "config.json").is_file()
+    check_quiet_output(pipeline, pipeline_dir / RUN)
+
+
+def check_quiet_output(output: str, run: Path) -> None:
+    """What a job prints by default: a progress line per long step, each stage's summary, where the outputs
+    went; no Ray worker lines, no library warnings or info lines. The run's log files keep all of it."""
+    lines = output.splitlines()
+    for stage in ("pretrain", "sft"):
+        assert any(line.startswith(f"✓ {stage}: prepare data") and "tokens=" in line for line in lines), output
+        assert any(line.startswith(f"✓ {stage}: train ") and "loss=" in line and "eval_loss=" in line
+                   for line in lines), output
+        assert any(line.startswith(f"✓ {stage}: export model") for line in lines), output
+    assert f"run         {run}" in lines, output
+    assert "RayTrainWorker" not in output and "pid=" not in output, output  # no worker log lines
+    # No library warnings (FutureWarning: …) and no info log lines. Ray's own notices to the driver may show
+    # (e.g. "(autoscaler …) Warning: … cannot be scheduled right now" while the other jobs hold the CPUs).
+    assert not re.search(r"\w+Warning\b", output) and " INFO " not in output, output
+    assert len(lines) < 30, output
+    assert "pretrain: fitting with 1 workers" in (run / "logs" / "driver.log").read_text()
+    assert "epoch 1/1 done" in (run / "logs" / "pretrain" / "worker-0.log").read_text()
