@@ -15,7 +15,6 @@ Ray cluster of this machine's cores:
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -31,6 +30,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from orchestrator.config import DataConfig, DataSourceConfig, PrepareConfig  # noqa: E402
 from orchestrator.data.prepare_ray import prepare_stage_shards  # noqa: E402
@@ -96,41 +96,17 @@ class WorkerMemory:
 
 
 def hf_map(files: list[str]) -> tuple[float, int]:
-    """Seconds and tokens of the usual `datasets` recipe, from a fresh cache directory (run in a child process, so
-    the driver's peak RSS is the prepare's alone)."""
+    """Seconds and tokens of the usual `datasets` recipe (bench/data_prep.py's), from a fresh cache directory (run
+    in a child process, so the driver's peak RSS is the prepare's alone)."""
     import datasets
 
+    from data_prep import hf_datasets
     from orchestrator.model.loading import load_tokenizer
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    tokenizer = load_tokenizer(str(TOKENIZER))
-
-    eos = tokenizer.eos_token_id
-
-    def tokenize(batch: dict) -> dict:
-        texts = [line.strip() for line in batch["text"] if line.strip()]
-        return {"input_ids": [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]}
-
-    def chunk(batch: dict) -> dict:
-        stream = list(itertools.chain.from_iterable(batch["input_ids"]))
-        usable = len(stream) // BLOCK_SIZE * BLOCK_SIZE
-        return {"input_ids": [stream[i: i + BLOCK_SIZE] for i in range(0, usable, BLOCK_SIZE)]}
-
-    cache = tempfile.mkdtemp(prefix="bench-hf-")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        start = time.perf_counter()
-        raw = datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache)
-        tokenized = raw.map(tokenize, batched=True, num_proc=NUM_PROC, remove_columns=["text"],
-                            load_from_cache_file=False)
-        tokenized.map(chunk, batched=True, num_proc=NUM_PROC, load_from_cache_file=False)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(ids) for ids in tokenized["input_ids"])
-        return seconds, tokens
-    finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        shutil.rmtree(cache, ignore_errors=True)
+    seconds, _, tokens = hf_datasets(load_tokenizer(str(TOKENIZER)), files, block_size=BLOCK_SIZE, num_proc=NUM_PROC)
+    return seconds, tokens
 
 
 def measure(size_mb: int, work: Path, prepare: PrepareConfig) -> dict:

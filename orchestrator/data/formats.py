@@ -296,6 +296,23 @@ class LoadReport:
     files: dict[str, str] = field(default_factory=dict)  # uri -> sha256 of every file read
 
 
+def converted_records(source: DataSourceConfig, report: LoadReport) -> Iterator[Document | Conversation]:
+    """Every record of `source` converted (a shape already resolved); bad records are counted in `report` (the
+    first few kept) and records the source's transform skips are counted as filtered."""
+    for raw in read_source(source, report.files):
+        try:
+            item = convert_record(raw, source)
+        except RecordError as err:
+            report.skipped += 1
+            if len(report.errors) < MAX_ERRORS_LISTED:
+                report.errors.append(err)
+            continue
+        if item is None:
+            report.filtered += 1
+            continue
+        yield item
+
+
 def load_examples(
     sources: Iterable[DataSourceConfig],
     kind: Literal["documents", "conversations"],
@@ -316,17 +333,7 @@ def load_examples(
         resolved = resolve_dataset(source)
         report.files.update(shape_inputs(source))
         source = resolved
-        for raw in read_source(source, report.files):
-            try:
-                item = convert_record(raw, source)
-            except RecordError as err:
-                report.skipped += 1
-                if len(report.errors) < MAX_ERRORS_LISTED:
-                    report.errors.append(err)
-                continue
-            if item is None:
-                report.filtered += 1
-                continue
+        for item in converted_records(source, report):
             if kind == "conversations" and isinstance(item, Document):
                 raise DataError(
                     f"{source.path}: stage 2 needs conversations (alpaca, multiturn or sharegpt records); "

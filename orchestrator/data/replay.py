@@ -17,19 +17,11 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from orchestrator.config import DataConfig, DataSourceConfig
-from orchestrator.data.formats import (
-    MAX_ERRORS_LISTED,
-    Conversation,
-    Document,
-    LoadReport,
-    convert_record,
-    load_examples,
-)
+from orchestrator.data.formats import Conversation, Document, LoadReport, converted_records, load_examples
 from orchestrator.data.pretrain import PackedBlocks, encode_texts, pack_documents, pack_token_lists, tokenize_documents
-from orchestrator.data.readers import read_source
 from orchestrator.data.sft import TokenizedConversation, tokenize_conversations
 from orchestrator.data.templates import ChatTemplate
-from orchestrator.errors import DataError, DataValidationError, RecordError
+from orchestrator.errors import DataError, DataValidationError
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +47,7 @@ def load_replay(source: DataSourceConfig, stage: Literal["pretrain", "sft"], bad
     if stage == "pretrain":
         return load_examples([source], "documents", bad_records, True, seed)
     report = LoadReport()
-    items: list = []
-    for raw in read_source(source, report.files):
-        try:
-            item = convert_record(raw, source)
-        except RecordError as err:
-            report.skipped += 1
-            if len(report.errors) < MAX_ERRORS_LISTED:
-                report.errors.append(err)
-            continue
-        if item is None:
-            report.filtered += 1
-        else:
-            items.append(item)
+    items = list(converted_records(source, report))
     report.records = len(items)
     if report.skipped and bad_records == "error":
         raise DataValidationError(report.errors, report.skipped)

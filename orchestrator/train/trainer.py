@@ -9,16 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from orchestrator import progress, storage
-from orchestrator.config import PipelineConfig
+from orchestrator.config import PipelineConfig, resolve_precision
 from orchestrator.data.prepare import PreparedData
 from orchestrator.data.prepare_ray import PreparedShards
 from orchestrator.errors import DataError
 from orchestrator.tracking import TrackingTarget
 from orchestrator.layout import reference_logps_file
-from orchestrator.config import resolve_precision
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config
 from orchestrator.train.metrics_log import follow_metrics
-from orchestrator.train.recipe import WorkerPlan, schedule_for, train_loop_per_worker
+from orchestrator.train.recipe import Schedule, WorkerPlan, schedule_for, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -75,59 +74,15 @@ def fit_stage(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    stage_cfg = config.stage(stage)
-    train_cfg, dist = stage_cfg.train, config.distributed
-    sharded = isinstance(data, PreparedShards)
-    # Batch arithmetic and the user's DeepSpeed JSON are checked here, before any worker starts.
-    deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
-    build_deepspeed_config(train_cfg, dist, dist.num_workers,
-                           resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
-    accumulation = train_cfg.accumulation_steps(dist.num_workers)
-    schedule = schedule_for(data.train_rows, dist.num_workers, train_cfg.micro_batch_size, accumulation,
-                            train_cfg.epochs)
-    if schedule.steps_per_epoch == 0:
-        raise DataError(
-            f"{stage}: {data.train_rows} training examples are too few for one optimizer step with "
-            f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
-            f"{accumulation}; add data or lower those settings"
-        )
+    dist = config.distributed
+    schedule, deepspeed_user_config = check_batch_plan(config, stage, data.train_rows)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
     data_context.print_on_execution_start = False
-    datasets: dict[str, Any] = {}
-    if not sharded:
-        datasets["train"] = ray.data.from_arrow(data.train)
-        if data.eval is not None:
-            datasets["eval"] = ray.data.from_arrow(data.eval)
-    reference_uri = None
-    if getattr(train_cfg, "precompute_reference", False):
-        # One pass over every example (unsplit) before the first step; keyed by what the log-probs depend on.
-        datasets["reference"] = ray.data.from_arrow(data.train)
-        reference_uri = reference_logps_file(run_root, stage, reference_fingerprint(config, stage, data, base_model,
-                                                                                   tokenizer))
+    datasets, reference_uri = _driver_datasets(config, stage, data, base_model, tokenizer, run_root)
+    plan = _worker_plan(config, stage, data, base_model, tokenizer, run_root, logs_dir, schedule,
+                        deepspeed_user_config, tracking, reference_uri)
     storage_path, filesystem = storage.ray_storage(run_root)
-    plan = WorkerPlan(
-        stage=stage,
-        model=config.model,
-        train=train_cfg,
-        distributed=dist,
-        checkpoint=config.checkpoint,
-        eval=config.eval,
-        base_model=base_model,
-        tokenizer=tokenizer,
-        schedule=schedule,
-        stage_uri=storage.join(run_root, stage),
-        logs_dir=logs_dir,
-        logs_into_checkpoints=storage.is_remote(run_root),
-        has_eval=data.has_eval,
-        shard_set_uri=data.set_uri if sharded else None,
-        shard_manifest=data.manifest if sharded else None,
-        group_by_length=stage == "sft" and stage_cfg.data.group_by_length,
-        deepspeed_user_config=deepspeed_user_config,
-        tracking=tracking,
-        reference_logps_uri=reference_uri,
-        node_cache=config.storage.node_cache,
-    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         # Credentials travel through the object store, never in the (possibly persisted) loop config.
@@ -138,19 +93,7 @@ def fit_stage(
             resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {}),
                                   **dist.resources_per_worker},
         ),
-        run_config=ray.train.RunConfig(
-            name=stage,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            callbacks=list(callbacks),
-            # Keep the N best by eval loss (Ray always keeps the latest too, for resuming).
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.checkpoint.keep,
-                checkpoint_score_attribute="eval_loss" if data.has_eval else None,
-                checkpoint_score_order="min",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
-        ),
+        run_config=_run_config(config, stage, storage_path, filesystem, callbacks, data.has_eval),
         datasets=datasets or None,
         # Eval is not split: every worker evaluates the whole (small) held-out set, which keeps
         # ZeRO-3's collective forward passes in step across workers.
@@ -165,3 +108,90 @@ def fit_stage(
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     return FitOutcome(storage.to_uri(result.checkpoint.path, filesystem), dict(result.metrics or {}),
                       storage.to_uri(result.path, filesystem))
+
+
+def check_batch_plan(config: PipelineConfig, stage: str, train_rows: int) -> tuple[Schedule, Optional[dict[str, Any]]]:
+    """The stage's step schedule and the user's DeepSpeed JSON, checked (batch arithmetic, precision) before any
+    worker starts; DataError when the data is too small for one optimizer step."""
+    train_cfg, dist = config.stage(stage).train, config.distributed
+    deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
+    build_deepspeed_config(train_cfg, dist, dist.num_workers,
+                           resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
+    accumulation = train_cfg.accumulation_steps(dist.num_workers)
+    schedule = schedule_for(train_rows, dist.num_workers, train_cfg.micro_batch_size, accumulation, train_cfg.epochs)
+    if schedule.steps_per_epoch == 0:
+        raise DataError(
+            f"{stage}: {train_rows} training examples are too few for one optimizer step with "
+            f"{dist.num_workers} workers x micro_batch_size {train_cfg.micro_batch_size} x gradient_accumulation_steps "
+            f"{accumulation}; add data or lower those settings"
+        )
+    return schedule, deepspeed_user_config
+
+
+def _driver_datasets(config: PipelineConfig, stage: str, data: PreparedShards | PreparedData, base_model: str,
+                     tokenizer: str, run_root: str) -> tuple[dict[str, Any], Optional[str]]:
+    """The Ray datasets the driver hands to the workers (stage 3's in-memory tables; shard sets are read by the
+    workers themselves) and where precomputed reference log-probs go, if the stage precomputes them."""
+    import ray.data
+
+    datasets: dict[str, Any] = {}
+    if not isinstance(data, PreparedShards):
+        datasets["train"] = ray.data.from_arrow(data.train)
+        if data.eval is not None:
+            datasets["eval"] = ray.data.from_arrow(data.eval)
+    reference_uri = None
+    if getattr(config.stage(stage).train, "precompute_reference", False):
+        # One pass over every example (unsplit) before the first step; keyed by what the log-probs depend on.
+        datasets["reference"] = ray.data.from_arrow(data.train)
+        reference_uri = reference_logps_file(run_root, stage, reference_fingerprint(config, stage, data, base_model,
+                                                                                   tokenizer))
+    return datasets, reference_uri
+
+
+def _worker_plan(config: PipelineConfig, stage: str, data: PreparedShards | PreparedData, base_model: str,
+                 tokenizer: str, run_root: str, logs_dir: str, schedule: Schedule,
+                 deepspeed_user_config: Optional[dict[str, Any]], tracking: Optional[TrackingTarget],
+                 reference_uri: Optional[str]) -> WorkerPlan:
+    """What every worker is told: the typed contract of orchestrator.train.recipe."""
+    return WorkerPlan(
+        stage=stage,
+        model=config.model,
+        train=config.stage(stage).train,
+        distributed=dist,
+        checkpoint=config.checkpoint,
+        eval=config.eval,
+        base_model=base_model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        stage_uri=storage.join(run_root, stage),
+        logs_dir=logs_dir,
+        logs_into_checkpoints=storage.is_remote(run_root),
+        has_eval=data.has_eval,
+        shard_set_uri=data.set_uri if isinstance(data, PreparedShards) else None,
+        shard_manifest=data.manifest if isinstance(data, PreparedShards) else None,
+        group_by_length=stage == "sft" and config.stage(stage).data.group_by_length,
+        deepspeed_user_config=deepspeed_user_config,
+        tracking=tracking,
+        reference_logps_uri=reference_uri,
+        node_cache=config.storage.node_cache,
+    )
+
+
+def _run_config(config: PipelineConfig, stage: str, storage_path: str, filesystem: Any, callbacks: Sequence[Any],
+                has_eval: bool) -> Any:
+    """Ray Train's run settings: where checkpoints go, how many are kept, how often a failed group restarts."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=stage,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=list(callbacks),
+        # Keep the N best by eval loss (Ray always keeps the latest too, for resuming).
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=config.checkpoint.keep,
+            checkpoint_score_attribute="eval_loss" if has_eval else None,
+            checkpoint_score_order="min",
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=config.distributed.max_failures),
+    )
