@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=30
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q

@@ -21,6 +21,11 @@ class CheckpointConfig(Section):
         "reload_weights", description="Resuming with a different number of workers: reload the checkpoint's "
         "weights with a fresh optimizer (a warning is logged), or fail.",
     )
+    upload: Literal["async", "sync"] = Field(
+        "async", description="How a checkpoint reaches storage: `async` uploads it in the background while training "
+        "goes on (Ray Train's CheckpointUploadMode.ASYNC; a failed upload still fails the run), `sync` waits for it. "
+        "Either way a checkpoint counts only once its manifest verifies, so an upload cut short is never resumed from.",
+    )
     allow_job_working_dir: bool = Field(
         False, description="In a Ray job submitted with --working-dir, a relative `storage_path` lands in Ray's "
         "temporary copy of that directory and is deleted with it: refused unless this is true (then a warning "

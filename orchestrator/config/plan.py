@@ -21,6 +21,11 @@ class PlanConfig(Section):
         "gpus_per_node x nodes must equal distributed.num_workers."
     )
     nodes: int = Field(1, gt=0, description="Nodes the workers are spread over (sets CPU memory per node).")
+    host_memory_gib: Optional[float] = Field(
+        None, gt=0, description="RAM of one node in GiB (e.g. 1152 on an 8x A100 p4d node). When set, the plan also "
+        "checks host memory per node: loading the model in every local worker (or one module at a time under "
+        "ZeRO-3's partitioned loading) and the CPU-offloaded states."
+    )
     mfu: float = Field(
         0.4, gt=0, le=1, description="Assumed model FLOPs utilisation: share of peak_tflops the GPUs sustain on "
         "training FLOPs (recomputation included)."

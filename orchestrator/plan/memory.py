@@ -405,6 +405,7 @@ def estimate_memory(
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         precision=precision,
+        zero_init=zero_stage == 3,  # the recipe loads ZeRO-3 bases partitioned (deepspeed.zero.Init)
         load_bytes_per_param=load_bytes_per_param or b.weight,
         quantized_weight_bytes=quantized,
     )

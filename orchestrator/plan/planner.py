@@ -44,6 +44,7 @@ class TrainingSetup:
     gpus_per_node: int = 1
     nodes: int = 1
     gpu_memory_gib: float = 80.0
+    host_memory_gib: Optional[float] = None  # RAM per node; None: host memory is estimated but not checked
     seq_len: int = 1024
     micro_batch: int = 1
     gradient_accumulation: int = 1
@@ -105,8 +106,17 @@ class PlanReport:
         return self.setup.gpu_memory_gib * GIB
 
     @property
-    def fits(self) -> bool:
+    def gpu_fits(self) -> bool:
         return self.memory.total <= self.budget_bytes
+
+    @property
+    def host_fits(self) -> bool:
+        """Host RAM per node (loading, CPU offload) within plan.host_memory_gib; True when that is not set."""
+        return self.setup.host_memory_gib is None or self.memory.cpu_per_node <= self.setup.host_memory_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_fits and self.host_fits
 
 
 def estimate_setup(shape: ModelShape, setup: TrainingSetup) -> MemoryBreakdown:
@@ -392,6 +402,7 @@ def setup_for_stage(
         gpus_per_node=per_node,
         nodes=nodes,
         gpu_memory_gib=config.plan.gpu_memory_gib,
+        host_memory_gib=config.plan.host_memory_gib,
         seq_len=data.block_size if stage == "pretrain" else data.max_length,
         micro_batch=train.micro_batch_size * (2 if stage == "preference" else 1),
         gradient_accumulation=train.gradient_accumulation_steps,
@@ -464,6 +475,10 @@ def fit_summary(report: PlanReport) -> str:
         f"estimated peak {report.memory.total / GIB:.1f} GiB per worker, "
         f"plan.gpu_memory_gib={report.setup.gpu_memory_gib:g}"
     )
+    if not report.host_fits:
+        line += (f"; host memory {report.memory.cpu_per_node / GIB:.1f} GiB per node, "
+                 f"plan.host_memory_gib={report.setup.host_memory_gib:g} (less CPU offload, fewer workers per node, "
+                 "or ZeRO-3's partitioned loading lower it)")
     if report.suggestion is not None:
         if report.suggestion.fits:
             line += f"; cheapest change that fits: {'; '.join(report.suggestion.changes)}"

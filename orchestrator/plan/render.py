@@ -59,9 +59,12 @@ def _headline(report: PlanReport) -> list[str]:
 
 def _verdict(report: PlanReport) -> str:
     total, budget = report.memory.total, report.budget_bytes
-    if report.fits:
-        return f"FITS: {_gib(total)} of {report.setup.gpu_memory_gib:g} GiB ({100 * total / budget:.1f}%)"
-    return f"DOES NOT FIT: {_gib(total)} GiB needed, {report.setup.gpu_memory_gib:g} GiB available"
+    if not report.gpu_fits:
+        return f"DOES NOT FIT: {_gib(total)} GiB needed, {report.setup.gpu_memory_gib:g} GiB available"
+    if not report.host_fits:
+        return (f"DOES NOT FIT in host memory: {_gib(report.memory.cpu_per_node)} GiB per node needed, "
+                f"plan.host_memory_gib={report.setup.host_memory_gib:g}")
+    return f"FITS: {_gib(total)} of {report.setup.gpu_memory_gib:g} GiB ({100 * total / budget:.1f}%)"
 
 
 def _suggestion_lines(report: PlanReport) -> list[str]:
@@ -120,6 +123,7 @@ def render_report(report: PlanReport, markdown: bool = False) -> str:
     cpu = (
         f"CPU memory per node: {m.cpu_per_node / cpu_size:,.2f} {cpu_unit} "
         "(DeepSpeed's estimate: loading the model or the offloaded states, x1.5)"
+        + (f", of plan.host_memory_gib={report.setup.host_memory_gib:g} GiB" if report.setup.host_memory_gib else "")
     )
     if markdown:
         lines = [f"### Plan: stage `{report.stage}`", "", *(f"- {line}" for line in _headline(report)), ""]

@@ -44,8 +44,10 @@ class TrainContext(Protocol):
         """The checkpoint the runtime says to resume from, or None."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,
-               checkpoint_dir_name: Optional[str] = None) -> None:
-        """Report metrics, and with `checkpoint_dir` this rank's files of a checkpoint (copied before it returns)."""
+               checkpoint_dir_name: Optional[str] = None, upload_async: bool = False) -> None:
+        """Report metrics, and with `checkpoint_dir` this rank's files of a checkpoint. The context owns that directory
+        from here on and deletes it once its files are stored: before it returns, or with `upload_async` in the
+        background while training goes on (a failed upload then fails the run at a later step)."""
 
 
 class RayTrainContext:
@@ -75,14 +77,17 @@ class RayTrainContext:
         return ray.train.get_checkpoint()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,
-               checkpoint_dir_name: Optional[str] = None) -> None:
+               checkpoint_dir_name: Optional[str] = None, upload_async: bool = False) -> None:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
+        mode = CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=checkpoint_dir_name)
+                         checkpoint_dir_name=checkpoint_dir_name, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
 
 
 @dataclass(frozen=True)
@@ -162,10 +167,11 @@ class LocalTrainContext:
         return self.checkpoint
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None,
-               checkpoint_dir_name: Optional[str] = None) -> None:
+               checkpoint_dir_name: Optional[str] = None, upload_async: bool = False) -> None:
         saved = None
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None:  # stored at once, whatever upload_async says
             saved = os.path.join(self.storage_dir, checkpoint_dir_name or f"checkpoint_{len(self.reports):06d}")
             shutil.copytree(checkpoint_dir, saved)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             self.checkpoint = LocalCheckpoint(saved)  # as Ray does: the latest reported one resumes
         self.reports.append(LocalReport(dict(metrics), saved))

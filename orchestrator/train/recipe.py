@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -612,7 +613,8 @@ class WorkerRecipe:
         """Write this rank's part of a checkpoint into a temp dir and report it (Ray merges the ranks' dirs)."""
         state, rank, engine = self.state, self.rank, self.engine
         state.metrics = metrics
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        tmp = tempfile.mkdtemp(prefix="ckpt-")  # the context deletes it once stored (checkpoint.upload: async or sync)
+        try:
             save_hf_model(engine, self.tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), self.plan.distributed.zero_stage,
                           rank, self.is_adapter)
             engine.save_checkpoint(
@@ -635,8 +637,11 @@ class WorkerRecipe:
             if rank == 0:
                 merged = {k: v for part in gathered for k, v in part.items()}
                 ckpt.write_manifest(tmp, merged, state, self.checkpoint_extra)
-            self.context.report(metrics, checkpoint_dir=tmp,
-                                checkpoint_dir_name=ckpt.checkpoint_dir_name(state.global_step))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.context.report(metrics, checkpoint_dir=tmp, checkpoint_dir_name=ckpt.checkpoint_dir_name(state.global_step),
+                            upload_async=self.plan.checkpoint.upload == "async")
 
     # --- clean up ----------------------------------------------------------------------------------
     def cleanup(self) -> None:

@@ -119,14 +119,14 @@ def test_pipeline_lora_then_full_under_zero3(ray_cluster, tmp_path, shared_data)
     assert sft_model.model.embed_tokens.weight.shape == (6400, 64)
 
 
-def test_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path, shared_data):
+def test_killed_run_resumes_from_its_checkpoint(ray_cluster, mlflow_server, tmp_path, shared_data):
     """ZeRO-2 full: the run dies after its step-2 checkpoint; running it again continues at step 3, on exactly
     the rows an uninterrupted run trains after that point (row ids), in the same MLflow and W&B (offline) runs."""
     tree = make_config(tmp_path, shared_data, 2, pretrain=pretrain_section(shared_data, "full", log_every_n_steps=1,
                                                                            log_row_ids=True))
     tree["checkpoint"]["every_n_steps"] = 2
-    mlflow_uri = (tmp_path / "mlruns").as_uri()
-    tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri},
+    mlflow_uri = mlflow_server  # a real tracking server (SQLite backend, artifacts over HTTP)
+    tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri, "experiment": "killed-run"},
                         "wandb": {"project": "it", "mode": "offline", "dir": str(tmp_path / "wandb")}}
     tree["storage"] = {"s3": {"secret_access_key": "not-for-params"}}
     failing = config_from_dict({**tree, "pretrain": {**tree["pretrain"],
@@ -188,7 +188,7 @@ def assert_tracked(config, mlflow_uri: str, wandb_dir: Path, last_step: int) -> 
 
     ids = json.loads(Path(RunLayout.of(config).tracking).read_text())
     client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("ray-llm-orchestrator").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("killed-run").experiment_id])
     assert [run.info.run_id for run in runs] == [ids["mlflow_run_id"]]
     run = runs[0]
     assert run.data.params["pretrain.train.method"] == "full"

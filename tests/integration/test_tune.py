@@ -88,7 +88,7 @@ def sweep_tree(storage_path: str, **tune) -> dict:
     }
 
 
-def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path, capsys):
+def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, mlflow_server, tmp_path, capsys):
     """4 trials, random search + ASHA, run by the pipeline: one trial is stopped early, the best
     trial is the table's lowest eval loss, and its settings train to the same eval losses again."""
     space = {"learning_rate": {"distribution": "loguniform", "low": 3e-4, "high": 1e-2},
@@ -96,7 +96,7 @@ def test_random_search_with_asha_promotes_the_best_trial(tune_cluster, tmp_path,
     # Seed 2 samples the lowest learning rate for the third trial: it reaches ASHA's first rung
     # after two better trials, so it is stopped there whatever order the first two report in.
     tree = sweep_tree(str(tmp_path / "runs"), stages=["pretrain"], seed=2, search_space=space)
-    mlflow_uri = (tmp_path / "mlruns").as_uri()
+    mlflow_uri = mlflow_server  # a real tracking server (SQLite backend, artifacts over HTTP)
     tree["tracking"] = {"mlflow": {"tracking_uri": mlflow_uri, "experiment": "sweeps"}}
     config = config_from_dict(tree)
     started = time.perf_counter()

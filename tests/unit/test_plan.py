@@ -27,6 +27,7 @@ from orchestrator.plan.planner import (
     TrainingSetup,
     check_fits,
     estimate_setup,
+    fit_summary,
     plan_stage,
     plan_training,
     requirements_table,
@@ -510,3 +511,26 @@ def test_cli_plan_strict_exit_code_and_bad_preset():
     assert preset.returncode == 1 and "cheapest change" in preset.stdout
     bad = _cli("--preset", "9b")
     assert bad.returncode == 2 and "unknown model preset" in bad.stderr
+
+
+def test_host_memory_per_node_is_checked_when_the_node_ram_is_given(caplog):
+    """plan.host_memory_gib: the host side (every local worker loading the model, CPU-offloaded states) is part of
+    the verdict; ZeRO-3's partitioned loading needs less of it than whole loading."""
+    from orchestrator.plan.render import render_report
+
+    a100 = REPO / "configs" / "cluster-a100.yaml"
+    shape = preset_shape("7b")
+    partitioned = plan_stage(load_config(a100, ["sft.train.method=full"]), "sft", shape=shape)
+    assert partitioned.setup.host_memory_gib == 1152 and partitioned.host_fits
+    whole = plan_stage(load_config(a100, ["sft.train.method=full", "distributed.zero_stage=2"]), "sft", shape=shape)
+    assert whole.memory.cpu_per_node > 2 * partitioned.memory.cpu_per_node  # 8 whole copies vs one module each
+    need_gib = whole.memory.cpu_per_node / 2**30
+    tight = ["sft.train.method=full", "distributed.zero_stage=2", f"plan.host_memory_gib={need_gib / 2:.1f}",
+             "plan.gpu_memory_gib=1000"]
+    report = plan_stage(load_config(a100, tight), "sft", shape=shape)
+    assert report.gpu_fits and not report.host_fits and not report.fits
+    assert "DOES NOT FIT in host memory" in render_report(report)
+    assert f"GiB per node, plan.host_memory_gib={need_gib / 2:.1f}" in fit_summary(report)
+    # The pre-launch check refuses it under plan.strict, naming host memory.
+    with pytest.raises(ConfigError, match=r"host memory .* GiB per node, plan.host_memory_gib=1e-06"):
+        check_fits(load_config(TINY_YAML, ["plan.host_memory_gib=0.000001", "plan.strict=true"]), "sft")
