@@ -157,7 +157,7 @@ def _worker_plan(config: PipelineConfig, stage: str, data: PreparedShards | Prep
         stage=stage,
         model=config.model,
         train=config.stage(stage).train,
-        distributed=dist,
+        distributed=config.distributed,
         checkpoint=config.checkpoint,
         eval=config.eval,
         base_model=base_model,

@@ -176,7 +176,10 @@ def _kill_one_worker_after_first_checkpoint(stage_uri: str, killed: list, stop: 
         killed.append(victim.pid)
 
 
-@pytest.mark.parametrize("method,zero_stage", [("full", 2), ("lora", 3)])
+# LoRA under ZeRO-3, the case with the most state to restore (partitioned base, adapter, optimizer shards). Full
+# fine-tuning under ZeRO-2 resumes from S3 in test_interrupted_checkpoint_upload_is_never_taken_as_latest, and after
+# a failure in test_pipeline.py (the same loop, local storage), so it is not run a third time here.
+@pytest.mark.parametrize("method,zero_stage", [("lora", 3)])
 def test_killed_worker_process_resumes_from_the_checkpoint(ray_cluster, s3_server, shared_data, method, zero_stage):
     """SIGKILL one worker after the first checkpoint: Ray restarts the group, the loop resumes, loss matches."""
     prefix = f"runs-kill-{method}"

@@ -13,7 +13,6 @@ The `partitioned` cases load the same base from disk the way the stage recipe do
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
