@@ -162,6 +162,29 @@ def latest_complete_checkpoint(stage_uri: str) -> Optional[str]:
     return max(complete, key=lambda c: c.step or 0).uri if complete else None
 
 
+def world_size_change_refused(source: str, written_by: int, world: int) -> CheckpointError:
+    """The error of `checkpoint.on_world_size_change: fail` for a checkpoint written by another number of workers."""
+    return CheckpointError(
+        f"{source} was written by {written_by} workers and this run has {world}; "
+        "set checkpoint.on_world_size_change=reload_weights to continue from its weights with a fresh "
+        f"optimizer, or run with distributed.num_workers={written_by}"
+    )
+
+
+def check_resume_world_size(stage_uri: str, world: int, on_change: str) -> None:
+    """Before any worker starts: refuse (on_change "fail") to resume from the stage's latest complete checkpoint
+    when another number of workers wrote it. The workers check again against the checkpoint they load."""
+    if on_change != "fail":
+        return
+    latest = latest_complete_checkpoint(stage_uri)
+    if latest is None:
+        return
+    manifest, _ = check_stored_checkpoint(latest)
+    written_by = int((manifest or {}).get("world_size") or world)
+    if written_by != world:
+        raise world_size_change_refused(latest, written_by, world)
+
+
 def read_trainer_state(root: str) -> TrainerState:
     with open(os.path.join(root, TRAINER_STATE), encoding="utf-8") as handle:
         return TrainerState(**json.load(handle))

@@ -467,11 +467,7 @@ class WorkerRecipe:
         manifest = ckpt.verify_checkpoint(root)
         resume = ResumePoint(root, source, int(manifest.get("world_size") or self.world))
         if resume.world_size != self.world and self.plan.checkpoint.on_world_size_change == "fail":
-            raise ckpt.CheckpointError(
-                f"{source} was written by {resume.world_size} workers and this run has {self.world}; "
-                "set checkpoint.on_world_size_change=reload_weights to continue from its weights with a fresh "
-                f"optimizer, or run with distributed.num_workers={resume.world_size}"
-            )
+            raise ckpt.world_size_change_refused(source, resume.world_size, self.world)
         return resume
 
     def _resume(self, resume: Optional[ResumePoint], new_world: bool) -> ckpt.TrainerState:

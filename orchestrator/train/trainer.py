@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from orchestrator import progress, storage
+from orchestrator import checkpoint as ckpt, progress, storage
 from orchestrator.config import PipelineConfig, resolve_precision
 from orchestrator.data.prepare import PreparedData
 from orchestrator.data.prepare_ray import PreparedShards
@@ -76,6 +76,7 @@ def fit_stage(
 
     dist = config.distributed
     schedule, deepspeed_user_config = check_batch_plan(config, stage, data.train_rows)
+    ckpt.check_resume_world_size(storage.join(run_root, stage), dist.num_workers, config.checkpoint.on_world_size_change)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
     data_context.print_on_execution_start = False

@@ -13,6 +13,7 @@ from orchestrator.errors import CheckpointError
 from orchestrator.checkpoint import (
     MANIFEST,
     TrainerState,
+    check_resume_world_size,
     checkpoint_dir_name,
     file_entries,
     latest_complete_checkpoint,
@@ -25,7 +26,7 @@ from orchestrator.checkpoint import (
 from orchestrator.train.recipe import IGNORE_INDEX, Schedule, collate, schedule_for
 
 
-def _make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+def _make_checkpoint(root: Path, step: int, complete: bool = True, world_size: int = 2) -> Path:
     ckpt = root / checkpoint_dir_name(step)
     (ckpt / "model").mkdir(parents=True)
     (ckpt / "deepspeed" / "state").mkdir(parents=True)
@@ -35,7 +36,7 @@ def _make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     state = TrainerState(epoch=1, micro_step_in_epoch=3, global_step=step, metrics={"loss": 1.5})
     write_trainer_state(str(ckpt), state)
     if complete:
-        write_manifest(str(ckpt), file_entries(str(ckpt)), state, {"stage": "sft"})
+        write_manifest(str(ckpt), file_entries(str(ckpt)), state, {"stage": "sft", "world_size": world_size})
     return ckpt
 
 
@@ -129,6 +130,18 @@ def test_latest_complete_checkpoint_none(tmp_path):
     assert latest_complete_checkpoint(str(tmp_path)) is None
     _make_checkpoint(tmp_path, 5, complete=False)
     assert latest_complete_checkpoint(str(tmp_path)) is None
+
+
+def test_resuming_at_another_world_size_is_refused_before_any_worker_starts(tmp_path):
+    _make_checkpoint(tmp_path, 10, world_size=4)
+    _make_checkpoint(tmp_path, 20, world_size=2)
+    _make_checkpoint(tmp_path, 30, complete=False, world_size=1)  # never the one resumed from
+    check_resume_world_size(str(tmp_path), 2, "fail")
+    check_resume_world_size(str(tmp_path), 1, "reload_weights")
+    check_resume_world_size(str(tmp_path / "fresh"), 1, "fail")  # nothing to resume from
+    with pytest.raises(CheckpointError, match=r"checkpoint_step00000020 was written by 2 workers and this run has "
+                                              r"1; set checkpoint.on_world_size_change=reload_weights"):
+        check_resume_world_size(str(tmp_path), 1, "fail")
 
 
 # --- pure helpers of the training loop --------------------------------------------------------
