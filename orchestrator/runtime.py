@@ -125,11 +125,15 @@ def check_storage_outlives_job(checkpoint: CheckpointConfig) -> None:
 def run_model_task(fn: Callable[..., Any], *args: Any, resources: ModelTaskConfig, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` as a Ray task with the declared resources, on whichever node has them.
 
-    For the heavy model work of a run (exports that merge LoRA into the base): the driver, often a
-    small head node, only waits. The task receives this process's storage settings explicitly.
+    For the heavy model work of a run (exports that merge LoRA into the base, derived bases): the driver,
+    often a small head node, only waits. The task receives this process's storage settings explicitly.
+    Without a Ray cluster (the library called from a plain script, the unit tests) it runs in this process.
     """
     import ray
 
+    if not ray.is_initialized():
+        log.info("no Ray cluster in this process: running %s here", getattr(fn, "__name__", fn))
+        return fn(*args, **kwargs)
     task = ray.remote(_with_storage).options(
         num_cpus=resources.num_cpus,
         num_gpus=1 if resources.use_gpu else 0,

@@ -1,4 +1,5 @@
-"""The model a stage starts from, prepared once on the driver before any worker starts.
+"""The model a stage starts from, prepared once before any worker starts (the driver decides; the heavy part,
+loading, merging and growing the model, runs as a Ray task with `distributed.model_tasks` resources).
 
 Usually that is the configured base (or stage 1's merged model) as it is. Two things derive a new
 base, written to `<storage_path>/<run_name>/<stage>-base/`:
@@ -32,6 +33,7 @@ from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.layout import RunLayout
 from orchestrator.model.embeddings import PAD_TO_MULTIPLE_OF, check_extends, check_tokenizer_fits, extend_embeddings
 from orchestrator.model.loading import WEIGHT_SUFFIXES, fetch_tokenizer, load_causal_lm, load_tokenizer, resolve_dtype
+from orchestrator.runtime import run_model_task, where_this_runs
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,9 @@ def prepare_stage_base(config: PipelineConfig, stage: str, base_model: str, toke
         recipe = {"base": base_model, "init_adapters": to_merge, "tokenizer": tokenizer_uri,
                   "tokenizer_tokens": len(tokenizer), "pad_to_multiple_of": PAD_TO_MULTIPLE_OF}
         record = read_derived_record(target)
-        if record is None:
-            record = derive_base(config, stage, base_model, to_merge, tokenizer, base_tokenizer, recipe, target, tmp)
+        if record is None:  # a Ray task: the merge and the grown model need the whole model's memory
+            record = run_model_task(derive_base, config, stage, base_model, to_merge, tokenizer, base_tokenizer,
+                                    recipe, target, resources=config.distributed.model_tasks)
         elif record["recipe"] != recipe:
             raise ConfigError(
                 f"{target} was derived from {json.dumps(record['recipe'])}, but this run asks for "
@@ -106,8 +109,14 @@ def prepare_stage_base(config: PipelineConfig, stage: str, base_model: str, toke
 
 
 def derive_base(config: PipelineConfig, stage: str, base_model: str, to_merge: list[str], tokenizer: Any,
-                base_tokenizer: Optional[Any], recipe: dict[str, Any], target: str, tmp: str) -> dict[str, Any]:
+                base_tokenizer: Optional[Any], recipe: dict[str, Any], target: str) -> dict[str, Any]:
     """Merge `to_merge` into the base, grow the vocabulary, save to `target` with the record written last."""
+    with tempfile.TemporaryDirectory(prefix="derive-base-") as tmp:
+        return _derive_base(config, stage, base_model, to_merge, tokenizer, base_tokenizer, recipe, target, tmp)
+
+
+def _derive_base(config: PipelineConfig, stage: str, base_model: str, to_merge: list[str], tokenizer: Any,
+                 base_tokenizer: Optional[Any], recipe: dict[str, Any], target: str, tmp: str) -> dict[str, Any]:
     from orchestrator.model.peft import merge_adapters
 
     dtype = resolve_dtype(config.model.dtype, config.stage(stage).train.precision)
@@ -141,6 +150,7 @@ def derive_base(config: PipelineConfig, stage: str, base_model: str, to_merge: l
         "vocabulary": extension,
         "embedding_rows": model.get_input_embeddings().weight.shape[0],
         "embedding_modules": [names[id(model.get_input_embeddings())]] + ([names[id(output)]] if output else []),
+        "derived_on": where_this_runs(),
     }
     out_dir = os.path.join(tmp, "derived")
     model.save_pretrained(out_dir, safe_serialization=True)

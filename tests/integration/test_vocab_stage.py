@@ -81,6 +81,7 @@ def test_extended_vocabulary_lora_stage_continuing_an_adapter(ray_cluster, input
     derived = Path(RunLayout.of(config).root) / "pretrain-base"
     record = json.loads((derived / DERIVED_BASE_RECORD).read_text())
     assert record["embedding_rows"] == rows and record["vocabulary"]["tokens"] == tokens
+    assert record["derived_on"]["pid"] != os.getpid()  # built by a Ray task, not in the driver
     base = load_causal_lm(str(inputs / "base"), torch.float32).state_dict()
     derived_model = load_causal_lm(str(derived), torch.float32)
     derived_weights = derived_model.state_dict()
