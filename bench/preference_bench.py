@@ -46,7 +46,7 @@ from orchestrator.data.templates import select_template  # noqa: E402
 from orchestrator.model.loading import create_tiny_model, load_tokenizer  # noqa: E402
 from orchestrator.train.context import LocalShard, LocalTrainContext  # noqa: E402
 from orchestrator.train.metrics_log import read_metrics  # noqa: E402
-from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for  # noqa: E402
+from orchestrator.train.recipe import WorkerPlan, run_recipe  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 PAIRS, MAX_LENGTH, PAIRS_PER_BATCH, REPEATS = 48, 160, 4, 2
@@ -80,7 +80,7 @@ def _run(root: Path, base: Path, name: str, train: TrainConfig, rows: list[dict]
         distributed=DistributedConfig(num_workers=1, zero_stage=0, cpus_per_worker=torch.get_num_threads()),
         checkpoint=CheckpointConfig(at_epoch_end=False), eval=EvalConfig(at_start=False),
         base_model=str(base), tokenizer=str(base),
-        schedule=schedule_for(len(rows), 1, train.micro_batch_size, 1, 1),
+        train_rows=len(rows),
         stage_uri=str(run_dir / stage), logs_dir=str(run_dir / "logs"), logs_into_checkpoints=False,
         has_eval=False, reference_logps_uri=str(run_dir / "reference.json"),
     )

@@ -109,7 +109,7 @@ def main() -> None:
         ("minimind BPE + alpaca", load_tokenizer(minimind), "alpaca"),
     ]
     print(f"{len(conversations)} conversations (shared SFT + multi-turn files)\n")
-    print(f"| tokenizer + template | ids changed before | ids changed after | straddling | before s | after s |")
+    print("| tokenizer + template | ids changed before | ids changed after | straddling | before s | after s |")
     print("|---|---|---|---|---|---|")
     for name, tokenizer, template_name in cases:
         template = select_template(template_name, tokenizer)

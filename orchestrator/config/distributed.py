@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from orchestrator.config.base import Section
 
@@ -27,6 +27,12 @@ class DistributedConfig(Section):
     """How many workers, on what hardware, with which DeepSpeed ZeRO stage."""
 
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on GPU clusters).")
+    min_workers: Optional[int] = Field(
+        None, gt=0, description="Elastic training: Ray Train starts, and after a lost node restarts, with as many "
+        "workers as the cluster has room for between min_workers and num_workers (without waiting for a "
+        "replacement), and grows back when capacity returns. Each change of size continues from the last "
+        "checkpoint's weights (needs checkpoint.on_world_size_change=reload_weights). Empty: always num_workers."
+    )
     use_gpu: bool = Field(False, description="Give each worker a GPU (NCCL backend); else CPU with gloo.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (also its torch thread count).")
     resources_per_worker: dict[str, float] = Field(
@@ -56,3 +62,19 @@ class DistributedConfig(Section):
         default_factory=ModelTaskConfig, description="Where exports (LoRA merges) run: a Ray task with these "
         "resources, so the driver (the head node) never holds the model."
     )
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> "DistributedConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"distributed.min_workers={self.min_workers} is more than distributed.num_workers="
+                             f"{self.num_workers}; elastic training runs between the two")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """Whether Ray Train may run this stage with fewer than num_workers workers."""
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ScalingConfig.num_workers: a fixed count, or the (min, max) range of elastic training."""
+        return (self.min_workers, self.num_workers) if self.elastic else self.num_workers

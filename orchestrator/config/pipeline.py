@@ -68,6 +68,16 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _elastic_resumes_at_any_size(self) -> "PipelineConfig":
+        if self.distributed.elastic and self.checkpoint.on_world_size_change == "fail":
+            raise ValueError(
+                f"distributed.min_workers={self.distributed.min_workers} lets a run continue with fewer than "
+                f"{self.distributed.num_workers} workers, which checkpoint.on_world_size_change=fail refuses; set "
+                "it to reload_weights, or drop min_workers"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tokenizer_resolvable(self) -> "PipelineConfig":
         if self.tokenizer.path is None and self.model.base is None and self.tokenizer.train is None:
             raise ValueError(

@@ -101,7 +101,7 @@ class WorkerPlan:
     eval: EvalConfig
     base_model: str  # URI of the weights to start from
     tokenizer: str  # URI of the tokenizer directory
-    schedule: Schedule
+    train_rows: int  # training rows (stage 1 blocks, stage 2 examples, stage 3 pairs); the schedule follows from them
     stage_uri: str  # where this stage's checkpoints live (resume falls back to the newest complete one)
     logs_dir: str
     logs_into_checkpoints: bool  # remote storage: the logs travel inside each checkpoint
@@ -116,6 +116,12 @@ class WorkerPlan:
     tracking: Optional[TrackingTarget] = None  # the run's MLflow / W&B runs (rank 0 logs its metrics there)
     reference_logps_uri: Optional[str] = None  # stage 3 with precompute_reference: where the pass writes them
     node_cache: NodeCacheConfig = field(default_factory=NodeCacheConfig)  # remote inputs: one download per node
+
+    def schedule_at(self, world_size: int) -> Schedule:
+        """The step schedule with `world_size` workers: each worker derives it from the size it runs at, which
+        under elastic training (distributed.min_workers) may be less than distributed.num_workers."""
+        return schedule_for(self.train_rows, world_size, self.train.micro_batch_size,
+                            self.train.accumulation_steps(world_size), self.train.epochs)
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -304,9 +310,10 @@ class WorkerRecipe:
         self.rank, self.world = context.world_rank, context.world_size
         self.logs = MetricsLog(plan.logs_dir if self.rank == 0 else None, plan.stage, plan.tracking)
         self.accumulation = plan.train.accumulation_steps(self.world)
+        self.schedule = plan.schedule_at(self.world)
         warmup_steps = plan.train.warmup_steps
         self.warmup = (warmup_steps if warmup_steps is not None
-                       else math.ceil(plan.train.warmup_ratio * plan.schedule.total_steps))
+                       else math.ceil(plan.train.warmup_ratio * self.schedule.total_steps))
         self.is_adapter = plan.train.method in ADAPTER_METHODS
         self.eval_batch = plan.eval.micro_batch_size or plan.train.micro_batch_size
         self.meter = StepMeter()
@@ -340,9 +347,10 @@ class WorkerRecipe:
         if self.rank == 0:
             log.info("%s: %d workers, precision %s, ZeRO-%d, %d optimizer steps (%d per epoch), warmup %d, "
                      "DeepSpeed config %s", plan.stage, self.world, self.precision, plan.distributed.zero_stage,
-                     plan.schedule.total_steps, plan.schedule.steps_per_epoch, self.warmup, json.dumps(self.ds_config))
+                     self.schedule.total_steps, self.schedule.steps_per_epoch, self.warmup, json.dumps(self.ds_config))
         if self.resumed_from is not None:
-            self.logs.write(self.state.global_step, {"event": "resumed", "resumed_from": self.resumed_from})
+            self.logs.write(self.state.global_step, {"event": "resumed", "resumed_from": self.resumed_from,
+                                                     "world_size": self.world})
 
     def _setup_data(self) -> None:
         """This worker's reading of the train set, and the (small) eval set held in memory."""
@@ -382,7 +390,7 @@ class WorkerRecipe:
                                            plan.deepspeed_user_config)
         self.partitioned_loading = zero3_partitioned_loading(ds_config, plan.distributed.use_gpu)
         model = build_training_model(plan.model, plan.train, model_dir, self.tokenizer, tokenizer_dir, self.precision,
-                                     plan.schedule.total_steps,
+                                     self.schedule.total_steps,
                                      os.path.join(weights_from, ckpt.MODEL_DIR) if weights_from else None)
         if self.rank == 0 and self.partitioned_loading is not None:
             log.info("%s: ZeRO-3 partitioned loading, this rank holds %s", plan.stage, _loaded_share(model))
@@ -391,7 +399,7 @@ class WorkerRecipe:
             model_parameters=_param_groups(model, plan.train.weight_decay),
             config=ds_config,
             lr_scheduler=partial(_make_scheduler, name=plan.train.schedule, warmup=self.warmup,
-                                 total=plan.schedule.total_steps),
+                                 total=self.schedule.total_steps),
             dist_init_required=False,
         )
         if plan.train.torch_compile:
@@ -473,7 +481,7 @@ class WorkerRecipe:
     def _resume(self, resume: Optional[ResumePoint], new_world: bool) -> ckpt.TrainerState:
         """Training progress: fresh, the checkpoint's (engine, RNG, state), or its share of the epoch at a new
         world size (weights only; the schedule continues, optimizer moments start afresh)."""
-        per_epoch = self.plan.schedule.micro_batches_per_epoch
+        per_epoch = self.schedule.micro_batches_per_epoch
         if resume is None:
             return ckpt.TrainerState(micro_batches_per_epoch=per_epoch)
         if new_world:
@@ -515,7 +523,7 @@ class WorkerRecipe:
 
     def train_epoch(self, epoch: int) -> None:
         """This worker's micro-batches of `epoch`, skipping those a resumed checkpoint already trained."""
-        state, per_epoch = self.state, self.plan.schedule.micro_batches_per_epoch
+        state, per_epoch = self.state, self.schedule.micro_batches_per_epoch
         skip = state.micro_step_in_epoch if epoch == state.epoch else 0
         for micro, batch in self._epoch_batches(epoch, skip):
             if micro >= per_epoch:
@@ -538,7 +546,7 @@ class WorkerRecipe:
         reading = self.train_reader.epoch_micro_batches(epoch, plan.train.seed, self.world, self.rank,
                                                         plan.train.micro_batch_size, plan.group_by_length, skip)
         for micro, rows in enumerate(reading, start=skip):
-            if self.row_log is not None and micro < plan.schedule.micro_batches_per_epoch:
+            if self.row_log is not None and micro < self.schedule.micro_batches_per_epoch:
                 self._log_rows({"epoch": epoch, "micro": micro, "ids": rows.row_ids.tolist()})
             yield micro, self.collate_rows(rows.columns)
 
@@ -558,7 +566,7 @@ class WorkerRecipe:
     def _after_optimizer_step(self, end_of_epoch: bool) -> None:
         """Log the window, checkpoint every N steps, inject a fault when asked."""
         plan, step, epoch = self.plan, self.state.global_step, self.state.epoch
-        if step % plan.train.log_every_n_steps == 0 or step == plan.schedule.total_steps:
+        if step % plan.train.log_every_n_steps == 0 or step == self.schedule.total_steps:
             window = self.meter.take_window()
             metrics = {**window, "learning_rate": self.engine.get_lr()[0], "epoch": epoch + 1, "step": step}
             if self.device.type == "cuda":
@@ -566,7 +574,7 @@ class WorkerRecipe:
             self.logs.write(step, metrics)
             if self.rank == 0:
                 log.info("%s epoch %d/%d step %d/%d loss %.4f lr %.3g tok/s %.0f%s", plan.stage, epoch + 1,
-                         plan.train.epochs, step, plan.schedule.total_steps, metrics["train_loss"],
+                         plan.train.epochs, step, self.schedule.total_steps, metrics["train_loss"],
                          metrics["learning_rate"], metrics["tokens_per_s"],
                          f" reward acc {metrics['rewards/accuracies']:.2f}" if "rewards/accuracies" in metrics else "")
         every_n = plan.checkpoint.every_n_steps

@@ -81,15 +81,15 @@ def fit_stage(
     data_context.enable_progress_bars = False  # per-step progress comes from our own log lines
     data_context.print_on_execution_start = False
     datasets, reference_uri = _driver_datasets(config, stage, data, base_model, tokenizer, run_root)
-    plan = _worker_plan(config, stage, data, base_model, tokenizer, run_root, logs_dir, schedule,
-                        deepspeed_user_config, tracking, reference_uri)
+    plan = _worker_plan(config, stage, data, base_model, tokenizer, run_root, logs_dir, deepspeed_user_config,
+                        tracking, reference_uri)
     storage_path, filesystem = storage.ray_storage(run_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # Credentials travel through the object store, never in the (possibly persisted) loop config.
         train_loop_config={"plan": plan, "storage_settings": ray.put(storage.current_settings())},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=dist.num_workers,
+            num_workers=dist.ray_num_workers(),
             use_gpu=dist.use_gpu,
             resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {}),
                                   **dist.resources_per_worker},
@@ -101,7 +101,8 @@ def fit_stage(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo", timeout_s=dist.collective_timeout_s),
     )
-    log.info("%s: fitting with %d workers, schedule %s", stage, dist.num_workers, schedule)
+    log.info("%s: fitting with %s workers, schedule %s", stage,
+             f"{dist.min_workers}-{dist.num_workers}" if dist.elastic else dist.num_workers, schedule)
     with progress.step(f"{stage}: train", total=schedule.total_steps, unit="step") as bar, \
             follow_metrics(logs_dir, lambda record: show_progress(bar, record)):
         result = trainer.fit()
@@ -116,8 +117,10 @@ def check_batch_plan(config: PipelineConfig, stage: str, train_rows: int) -> tup
     worker starts; DataError when the data is too small for one optimizer step."""
     train_cfg, dist = config.stage(stage).train, config.distributed
     deepspeed_user_config = load_user_deepspeed_config(dist.deepspeed_config)
-    build_deepspeed_config(train_cfg, dist, dist.num_workers,
-                           resolve_precision(train_cfg.precision, dist.use_gpu, True), deepspeed_user_config)
+    # Elastic training may run at any size between min_workers and num_workers: every one must add up.
+    for world in range(dist.min_workers if dist.elastic else dist.num_workers, dist.num_workers + 1):
+        build_deepspeed_config(train_cfg, dist, world, resolve_precision(train_cfg.precision, dist.use_gpu, True),
+                               deepspeed_user_config)
     accumulation = train_cfg.accumulation_steps(dist.num_workers)
     schedule = schedule_for(train_rows, dist.num_workers, train_cfg.micro_batch_size, accumulation, train_cfg.epochs)
     if schedule.steps_per_epoch == 0:
@@ -150,7 +153,7 @@ def _driver_datasets(config: PipelineConfig, stage: str, data: PreparedShards | 
 
 
 def _worker_plan(config: PipelineConfig, stage: str, data: PreparedShards | PreparedData, base_model: str,
-                 tokenizer: str, run_root: str, logs_dir: str, schedule: Schedule,
+                 tokenizer: str, run_root: str, logs_dir: str,
                  deepspeed_user_config: Optional[dict[str, Any]], tracking: Optional[TrackingTarget],
                  reference_uri: Optional[str]) -> WorkerPlan:
     """What every worker is told: the typed contract of orchestrator.train.recipe."""
@@ -163,7 +166,7 @@ def _worker_plan(config: PipelineConfig, stage: str, data: PreparedShards | Prep
         eval=config.eval,
         base_model=base_model,
         tokenizer=tokenizer,
-        schedule=schedule,
+        train_rows=data.train_rows,
         stage_uri=storage.join(run_root, stage),
         logs_dir=logs_dir,
         logs_into_checkpoints=storage.is_remote(run_root),

@@ -263,3 +263,15 @@ def test_a_bare_eval_config_loads_for_given_models(tmp_path):
     assert config.model.base == "runs/x/models/sft" and config.eval.samples == 1
     config = load_config_for_models(TINY, [], "runs/x/models/sft")
     assert config.model.tiny is not None and config.model.base is None  # a config's own model is kept
+
+
+def test_elastic_workers_are_a_range_that_resumes_at_any_size():
+    cfg = load_config(TINY, ["distributed.num_workers=4", "distributed.min_workers=2"])
+    assert cfg.distributed.elastic and cfg.distributed.ray_num_workers() == (2, 4)
+    fixed = load_config(TINY, ["distributed.min_workers=2"])  # min = num: not elastic
+    assert not fixed.distributed.elastic and fixed.distributed.ray_num_workers() == 2
+    with pytest.raises(ConfigError, match=r"distributed.min_workers=3 is more than distributed.num_workers=2"):
+        load_config(TINY, ["distributed.min_workers=3"])
+    with pytest.raises(ConfigError, match=r"checkpoint.on_world_size_change=fail refuses; set it to reload_weights"):
+        load_config(TINY, ["distributed.num_workers=4", "distributed.min_workers=2",
+                           "checkpoint.on_world_size_change=fail"])

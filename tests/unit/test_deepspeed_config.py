@@ -198,3 +198,18 @@ def test_deepspeed_json_file_is_read_and_bad_json_names_the_line(tmp_path):
         load_user_deepspeed_config(str(bad))
     with pytest.raises(ConfigError, match="cannot read"):
         load_user_deepspeed_config(str(tmp_path / "missing.json"))
+
+
+def test_elastic_training_checks_the_batch_at_every_size_it_may_run_at():
+    from orchestrator.config import config_from_dict
+    from orchestrator.train.trainer import check_batch_plan
+
+    tree = {"run_name": "elastic", "model": {"tiny": {}}, "tokenizer": {"train": {"vocab_size": 300}},
+            "distributed": {"num_workers": 4, "min_workers": 2},
+            "pretrain": {"data": {"sources": [{"path": "x.txt"}]},
+                         "train": {"micro_batch_size": 2, "global_batch_size": 16}}}
+    schedule, _ = check_batch_plan(config_from_dict(tree), "pretrain", 64)
+    assert schedule.steps_per_epoch == 4  # 16 rows per optimizer step at 4 workers
+    tree["distributed"]["min_workers"] = 3  # 16 is not a multiple of 2 x 3 workers
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 is not divisible by micro_batch_size 2 x 3 workers"):
+        check_batch_plan(config_from_dict(tree), "pretrain", 64)

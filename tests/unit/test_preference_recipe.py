@@ -27,7 +27,7 @@ from orchestrator.data.templates import select_template
 from orchestrator.model.loading import create_tiny_model, load_tokenizer
 from orchestrator.train.context import LocalShard, LocalTrainContext
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
+from orchestrator.train.recipe import WorkerPlan, run_recipe
 
 TRAIN_PAIRS, EVAL_PAIRS = 24, 8
 QUESTIONS = ["发烧了怎么办？", "头疼怎么办？", "咳嗽怎么办？", "嗓子疼怎么办？", "失眠怎么办？", "胃疼怎么办？"]
@@ -69,7 +69,7 @@ def _run(workspace, name: str, train: PreferenceTrainConfig, zero_stage: int):
         distributed=DistributedConfig(num_workers=1, zero_stage=zero_stage, cpus_per_worker=1),
         checkpoint=CheckpointConfig(at_epoch_end=True), eval=EvalConfig(at_start=True),
         base_model=str(base), tokenizer=str(base),
-        schedule=schedule_for(len(train_rows), 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
+        train_rows=len(train_rows),
         stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
         reference_logps_uri=reference_uri,
     )

@@ -23,7 +23,7 @@ from orchestrator.data.epoch_order import worker_row_ids
 from orchestrator.data.shards import ShardManifest, read_manifest, shard_name, token_table, write_manifest, write_shard
 from orchestrator.train.context import LocalCheckpoint, LocalTrainContext
 from orchestrator.train.metrics_log import read_metrics
-from orchestrator.train.recipe import WorkerPlan, run_recipe, schedule_for
+from orchestrator.train.recipe import WorkerPlan, run_recipe
 
 BLOCK = 32
 TRAIN_ROWS, EVAL_ROWS = 16, 4
@@ -62,7 +62,7 @@ def _plan(workspace, stage_dir: Path, logs_dir: Path) -> WorkerPlan:
         stage="pretrain", model=ModelConfig(base=str(base)), train=train, distributed=distributed,
         checkpoint=CheckpointConfig(every_n_steps=2, at_epoch_end=True), eval=EvalConfig(at_start=True),
         base_model=str(base), tokenizer=str(base),
-        schedule=schedule_for(TRAIN_ROWS, 1, train.micro_batch_size, train.accumulation_steps(1), train.epochs),
+        train_rows=TRAIN_ROWS,
         stage_uri=str(stage_dir), logs_dir=str(logs_dir), logs_into_checkpoints=False, has_eval=True,
         shard_set_uri=set_dir, shard_manifest=manifest,
     )
@@ -94,7 +94,7 @@ def first_run(process_group, workspace, tmp_path_factory):
 
 def test_recipe_trains_reports_and_checkpoints_without_ray(first_run):
     plan, context, logs_dir = first_run
-    assert plan.schedule.total_steps == 8  # 16 rows / micro-batch 2 / accumulation 2, two epochs
+    assert plan.schedule_at(1).total_steps == 8  # 16 rows / micro-batch 2 / accumulation 2, two epochs
     # every 2 steps; steps 4 and 8 end an epoch and are saved once, as epoch-end checkpoints
     assert [os.path.basename(r.checkpoint_path) for r in context.reports] == [
         ckpt.checkpoint_dir_name(step) for step in (2, 4, 6, 8)]
@@ -147,3 +147,12 @@ def test_resume_continues_at_the_next_step_with_the_same_losses(first_run, works
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5)
     assert [r.metrics["step"] for r in context.reports] == [8]
     assert json.loads(Path(context.reports[0].checkpoint_path, ckpt.TRAINER_STATE).read_text())["global_step"] == 8
+
+
+def test_a_worker_derives_its_schedule_from_the_world_size_it_runs_at(workspace, tmp_path):
+    """Elastic training restarts at other sizes: the plan carries rows, each worker its own schedule."""
+    plan = _plan(workspace, tmp_path / "stage", tmp_path / "logs")
+    one, two = plan.schedule_at(1), plan.schedule_at(2)
+    assert one.micro_batches_per_epoch == (TRAIN_ROWS // 2) // 2 * 2
+    assert two.steps_per_epoch == ((TRAIN_ROWS // 2) // 2) // 2 and one.steps_per_epoch >= 2 * two.steps_per_epoch
+    assert one.total_steps == one.steps_per_epoch * plan.train.epochs
