@@ -1,7 +1,8 @@
 """The two-stage pipeline on real data, a real local Ray cluster, 2 workers, DeepSpeed ZeRO-2 and ZeRO-3.
 
 Coverage matrix: ZeRO-3 + LoRA (stage 1) and ZeRO-3 + full (stage 2) in the pipeline test,
-ZeRO-2 + full in the resume test, ZeRO-2 + LoRA in the automatic-restart test.
+ZeRO-2 + full in the resume test, ZeRO-2 + LoRA in the automatic-restart test (which then continues at
+another world size).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from orchestrator.config import config_from_dict
-from orchestrator.checkpoint import TRAINER_STATE, latest_complete_checkpoint, verify_checkpoint
+from orchestrator.checkpoint import DEEPSPEED_CONFIG, TRAINER_STATE, latest_complete_checkpoint, verify_checkpoint
+from orchestrator.errors import CheckpointError
 from orchestrator.train.metrics_log import read_metrics
 from orchestrator.layout import RunLayout
 from orchestrator.pipeline import run_pipeline
@@ -227,15 +229,49 @@ def wandb_history(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def test_worker_failure_restarts_automatically(ray_cluster, tmp_path, shared_data):
-    """ZeRO-2 LoRA SFT with max_failures=1: a crash at step 2 is absorbed by one restart from the checkpoint."""
+def test_worker_failure_restarts_automatically_then_one_worker_continues(ray_cluster, tmp_path, shared_data):
+    """ZeRO-2 LoRA SFT with max_failures=1: a crash at step 2 is absorbed by one restart from the checkpoint. The
+    finished 2-worker run then continues for a third epoch with 1 worker (torch.compile on): refused under
+    on_world_size_change=fail before a worker starts, continued from its weights under reload_weights."""
     tree = make_config(tmp_path, shared_data, 2, sft=sft_section(shared_data, "lora", log_every_n_steps=1,
                                                                  fail_at_step=2), max_failures=1)
     tree["checkpoint"]["every_n_steps"] = 2
+    tree["distributed"]["deepspeed_config"] = {"zero_optimization": {"reduce_bucket_size": 20_000_000}}
     config = config_from_dict(tree)
-    result = run_stage(config, "sft")
+    first = run_stage(config, "sft")
     records = read_metrics(RunLayout.of(config).logs("sft"))
     assert [r["step"] for r in records if r.get("event") == "resumed"] == [2]
     losses = eval_losses(config, "sft")
     assert losses[-1] < losses[0], losses
-    assert len(generate_tokens(result.model_uri)) == 6
+    assert len(generate_tokens(first.model_uri)) == 6
+    with open(os.path.join(first.checkpoint_uri, TRAINER_STATE)) as handle:
+        two_worker = json.load(handle)
+    two_worker_steps, steps_per_epoch = two_worker["global_step"], two_worker["global_step"] // 2
+    assert two_worker["epoch"] == 2
+    with open(os.path.join(first.checkpoint_uri, DEEPSPEED_CONFIG)) as handle:
+        saved_ds = json.load(handle)  # the merged DeepSpeed config travels with the checkpoint
+    assert saved_ds["zero_optimization"]["reduce_bucket_size"] == 20_000_000 and saved_ds["train_batch_size"] == 16
+
+    one_worker = {**tree, "distributed": {**tree["distributed"], "num_workers": 1}}
+    # The continuation runs compiled (graph-capture backend: compiles in seconds on CPU).
+    train = {k: v for k, v in tree["sft"]["train"].items() if k != "fail_at_step"}
+    one_worker["sft"] = {**tree["sft"], "train": {**train, "epochs": 3, "torch_compile": True,
+                                                  "torch_compile_backend": "aot_eager"}}
+    refusing = {**one_worker, "checkpoint": {**one_worker["checkpoint"], "on_world_size_change": "fail"}}
+    # Refused before a worker starts (the driver reads the latest complete checkpoint's manifest).
+    with pytest.raises(CheckpointError, match="written by 2 workers and this run has 1"):
+        run_stage(config_from_dict(refusing), "sft")
+
+    config = config_from_dict(one_worker)
+    result = run_stage(config, "sft")
+    records = read_metrics(RunLayout.of(config).logs("sft"))
+    resumed = [r["step"] for r in records if r.get("event") == "resumed"]
+    assert resumed == [2, two_worker_steps], resumed
+    after = [r["step"] for r in records if "train_loss" in r and r["step"] > two_worker_steps]
+    assert after and after[0] == two_worker_steps + 1, after  # the step counter continues
+    # Epoch 3 with one worker: every micro-batch of the whole set is this worker's, so twice the steps.
+    with open(os.path.join(result.checkpoint_uri, TRAINER_STATE)) as handle:
+        final = json.load(handle)
+    assert final["epoch"] == 3 and final["global_step"] == after[-1] > two_worker_steps
+    assert final["global_step"] - two_worker_steps >= 2 * steps_per_epoch - 1
+    assert latest_complete_checkpoint(os.path.join(RunLayout.of(config).root, "sft")) == result.checkpoint_uri
