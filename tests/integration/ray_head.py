@@ -79,7 +79,7 @@ def running_ray_head(num_cpus: int) -> Iterator[RayHead]:
             pass
         os.killpg(head.pid, signal.SIGTERM)
         _, alive = psutil.wait_procs([psutil.Process(p.pid) for p in processes if psutil.pid_exists(p.pid)],
-                                     timeout=20)
+                                     timeout=5)
         for process in alive:
             process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +19,16 @@ from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.data.prepare_ray import prepare_stage_shards
 from orchestrator.data.shard_reader import ShardReader
 from orchestrator.errors import DataValidationError
+from ray_nodes import two_node_cluster
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head and a worker node, 2 logical CPUs each, in their own temp dir (never `address="auto"`)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    temp_dir = tempfile.mkdtemp(prefix="ray-dp-", dir="/tmp")
-    # Cluster writes its address file under $RAY_TMPDIR/ray: keep it in this module's own directory.
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    node = {"num_cpus": 2, "object_store_memory": 256 * 2**20, "temp_dir": temp_dir}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    try:
-        cluster.add_node(**node)
-        ray.init(address=cluster.address, log_to_driver=False)
+    """A head and a worker node, 2 logical CPUs each."""
+    with two_node_cluster("ray-dp-", num_cpus=2) as (cluster, _):
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
 
 
 @pytest.fixture(scope="module")

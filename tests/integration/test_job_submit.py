@@ -24,7 +24,7 @@ def ray_head():
 def submit(ray_head, *job_args: str) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir <repo> -- python jobs/pretrain.py …`, waiting for the job agent."""
     command = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard_url, "--working-dir",
-               str(REPO_ROOT), "--", "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", *job_args]
+               str(REPO_ROOT), "--", "python", "jobs/pretrain.py", "--config", "configs/cluster-dev.yaml", *job_args]
     deadline = time.monotonic() + 120
     while True:
         done = subprocess.run(command, env=ray_head.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
@@ -35,8 +35,8 @@ def submit(ray_head, *job_args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_relative_storage_path_is_refused_in_a_job_with_a_working_dir(ray_head):
-    # configs/tiny.yaml says storage_path: runs, which would land in Ray's temporary copy of the repo.
-    done = submit(ray_head, "run_name=job-relative", "pretrain.train.epochs=1")
+    # configs/cluster-dev.yaml says storage_path: runs, which would land in Ray's temporary copy of the repo.
+    done = submit(ray_head, "run_name=job-relative")
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-4000:]
     assert "checkpoint.storage_path 'runs' resolves to" in output, output[-4000:]
@@ -48,7 +48,7 @@ def test_ray_job_submit_pretrain(ray_head, tmp_path):
     """A job with --verbose: its output (streamed by `ray job submit`) has every log line, the Ray Train
     workers' included (the quiet default is checked by tests/integration/test_k8s_entrypoints.py)."""
     storage = tmp_path / "runs"
-    done = submit(ray_head, f"checkpoint.storage_path={storage}", "run_name=job", "pretrain.train.epochs=1",
+    done = submit(ray_head, f"checkpoint.storage_path={storage}", "run_name=job",
                   "--verbose")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "succeeded" in done.stdout.lower()
