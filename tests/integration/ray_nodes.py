@@ -8,10 +8,12 @@ import tempfile
 
 
 @contextlib.contextmanager
-def two_node_cluster(prefix: str, num_cpus: int, log_to_driver: bool = False, **node_args):
+def two_node_cluster(prefix: str, num_cpus: int, log_to_driver: bool = False,
+                     worker_resources: dict[str, float] | None = None, **node_args):
     """A head and a worker node on this machine (ray.cluster_utils.Cluster), `num_cpus` logical CPUs each, in a
     temp dir of their own (never `address="auto"`); this process's driver connected. Yields (cluster, temp dir).
-    `node_args` go to both nodes (e.g. resources); the head's `_system_config` speeds up node-death detection."""
+    `node_args` go to both nodes (e.g. resources); the head's `_system_config` speeds up node-death detection.
+    `worker_resources`: custom resources the worker node has on top (e.g. one that keeps a task off the head)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -28,7 +30,10 @@ def two_node_cluster(prefix: str, num_cpus: int, log_to_driver: bool = False, **
     cluster = Cluster(initialize_head=True,
                       head_node_args={**node, "include_dashboard": False, "_system_config": system_config})
     try:
-        cluster.add_node(**node)
+        worker = dict(node)
+        if worker_resources:
+            worker["resources"] = {**node.get("resources", {}), **worker_resources}
+        cluster.add_node(**worker)
         ray.init(address=cluster.address, log_to_driver=log_to_driver)
         yield cluster, temp_dir
     finally:

@@ -33,13 +33,14 @@ from s3_support import ACCESS_KEY, REGION, SECRET_KEY, FaultyProxy
 pytestmark = pytest.mark.integration
 BUCKET = "orchestrator-test"
 NODE = {"resources": {"train_slot": 1}}  # one slot per node: a run asking for it puts one worker on each node
+WORKER_NODE = {"worker_node": 1}  # only the worker node: model tasks asking for it stay off the head
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
     """(cluster, temp dir): a head and a worker node, 4 logical CPUs each; worker log lines reach this process's
     output (the credentials test reads it)."""
-    with two_node_cluster("ray-s3-", num_cpus=4, log_to_driver=True, **NODE) as nodes:
+    with two_node_cluster("ray-s3-", num_cpus=4, log_to_driver=True, worker_resources=WORKER_NODE, **NODE) as nodes:
         yield nodes
 
 
@@ -142,8 +143,9 @@ def captured_output(path: Path):
 def uninterrupted(ray_cluster, s3_server, shared_data):
     """(config, result, the data URI, everything the run printed)."""
     data_uri = upload_legal_data(s3_server, shared_data)
-    config = config_from_dict(s3_config(shared_data, s3_server.endpoint, "runs-a", data_path=data_uri,
-                                        **json.loads(json.dumps(S3_RUN))))
+    tree = s3_config(shared_data, s3_server.endpoint, "runs-a", data_path=data_uri, **json.loads(json.dumps(S3_RUN)))
+    tree["distributed"]["model_tasks"] = {"resources": {"worker_node": 0.01}}  # the export: on the worker node
+    config = config_from_dict(tree)
     output = Path(ray_cluster) / "uninterrupted-output.txt"
     with captured_output(output):
         print("output captured from here", flush=True)
@@ -180,7 +182,10 @@ def test_checkpoints_and_models_on_s3_without_leaking_credentials(ray_cluster, s
     AutoModelForCausalLM.from_pretrained(local)
     lineage = json.loads(Path(local, "lineage.json").read_text())
     assert lineage["data_files"] and lineage["packages"]["ray"] and lineage["base_model"].startswith("s3://")
-    assert lineage["exported_on"]["pid"] != os.getpid()  # the export ran as a Ray task, not in the driver
+    # The export (the LoRA merge) ran as a Ray task on the worker node, not in the driver or on the head.
+    [worker_node] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "worker_node" in n["Resources"]]
+    assert lineage["exported_on"]["pid"] != os.getpid()
+    assert lineage["exported_on"]["node_id"] == worker_node != ray.get_runtime_context().get_node_id()
     for uri, digest in lineage["data_files"].items():
         assert uri.startswith(data_uri + "/")
         local_file = shared_data / "pretrain" / "legal" / uri.rsplit("/", 1)[1]
@@ -262,7 +267,8 @@ def test_a_lost_node_is_survived_from_the_last_checkpoint_on_s3(two_nodes, s3_se
         proxy.stop()
         if len(cluster.list_all_nodes()) < 2:  # the module's later tests run on two nodes again
             cluster.add_node(num_cpus=4, object_store_memory=256 * 2**20,
-                             temp_dir=cluster.head_node.get_temp_dir_path(), **NODE)
+                             temp_dir=cluster.head_node.get_temp_dir_path(),
+                             resources={**NODE["resources"], **WORKER_NODE})
     assert not runner.is_alive(), "the run did not finish within 10 minutes of the node loss"
     if "error" in outcome:
         raise outcome["error"]
