@@ -20,6 +20,7 @@ logs them). Every function takes the log-probs and returns per-example losses pl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,18 +86,22 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
 
 
 def ipo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IPO on length-averaged log-probs: (z - 1/(2β))²."""
+             beta: float) -> torch.Tensor:
+    """IPO on length-averaged log-probs: (z - 1/(2β))² per example. Its rewards are DPO's (summed log-probs)."""
     logits = (chosen - rejected) - (ref_chosen - ref_rejected)
-    return ((logits - 1 / (2 * beta)) ** 2,
-            beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach())
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation near 0 (an answer the model is nearly sure of)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def orpo_odds_ratio(chosen: torch.Tensor, rejected: torch.Tensor,
                     beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORPO's odds-ratio term on length-averaged log-probs: (β log σ(log-odds ratio) per example — to be
     subtracted from the NLL —, chosen rewards, rejected rewards, log-odds ratio per example)."""
-    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
     return beta * ratio, beta * chosen.detach(), beta * rejected.detach(), log_odds.detach()
 
@@ -161,17 +166,23 @@ def preference_loss(settings: PreferenceSettings, policy: SequenceLogps, referen
     chosen_all, rejected_all = policy.split()
     averaged = settings.length_averaged
     chosen, rejected = chosen_all.pick(averaged), rejected_all.pick(averaged)
+    logged_chosen, logged_rejected = chosen, rejected  # the log-probs reported, as TRL reports them
     metrics: dict[str, torch.Tensor] = {}
     if settings.loss in ("sigmoid", "ipo"):
         if reference is None:
             raise ValueError(f"loss {settings.loss} needs reference log-probs")
-        ref_chosen, ref_rejected = (part.pick(averaged) for part in reference.split())
+        ref_chosen_all, ref_rejected_all = reference.split()
         if settings.loss == "sigmoid":
-            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                settings.beta, settings.label_smoothing)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen_all.sums,
+                                                                ref_rejected_all.sums, settings.beta,
+                                                                settings.label_smoothing)
         else:
-            losses, chosen_rewards, rejected_rewards = ipo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                settings.beta)
+            losses = ipo_loss(chosen, rejected, ref_chosen_all.pick(averaged), ref_rejected_all.pick(averaged),
+                              settings.beta)
+            # IPO's loss averages per token; its rewards (as TRL reports them) are DPO's, on summed log-probs.
+            chosen_rewards = settings.beta * (chosen_all.sums - ref_chosen_all.sums).detach()
+            rejected_rewards = settings.beta * (rejected_all.sums - ref_rejected_all.sums).detach()
+        logged_chosen, logged_rejected = chosen_all.sums, rejected_all.sums
         loss = losses.mean()
     elif settings.loss == "orpo":
         ratio_term, chosen_rewards, rejected_rewards, log_odds = orpo_odds_ratio(chosen, rejected, settings.beta)
@@ -187,8 +198,8 @@ def preference_loss(settings: PreferenceSettings, policy: SequenceLogps, referen
     else:
         raise ValueError(f"unknown preference loss {settings.loss!r}; allowed: {', '.join(LOSSES)}")
     metrics.update(reward_metrics(chosen_rewards, rejected_rewards))
-    metrics["logps/chosen"] = chosen.detach().mean()
-    metrics["logps/rejected"] = rejected.detach().mean()
+    metrics["logps/chosen"] = logged_chosen.detach().mean()
+    metrics["logps/rejected"] = logged_rejected.detach().mean()
     return loss, metrics
 
 

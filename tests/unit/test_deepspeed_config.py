@@ -207,9 +207,12 @@ def test_elastic_training_checks_the_batch_at_every_size_it_may_run_at():
     tree = {"run_name": "elastic", "model": {"tiny": {}}, "tokenizer": {"train": {"vocab_size": 300}},
             "distributed": {"num_workers": 4, "min_workers": 2},
             "pretrain": {"data": {"sources": [{"path": "x.txt"}]},
-                         "train": {"micro_batch_size": 2, "global_batch_size": 16}}}
-    schedule, _ = check_batch_plan(config_from_dict(tree), "pretrain", 64)
-    assert schedule.steps_per_epoch == 4  # 16 rows per optimizer step at 4 workers
-    tree["distributed"]["min_workers"] = 3  # 16 is not a multiple of 2 x 3 workers
+                         "train": {"micro_batch_size": 2, "global_batch_size": 24}}}
+    schedule, _ = check_batch_plan(config_from_dict(tree), "pretrain", 96)  # 24 = 2 x (2, 3, 4) x (6, 4, 3)
+    assert schedule.steps_per_epoch == 4  # 24 rows per optimizer step at 4 workers
+    tree["pretrain"]["train"]["global_batch_size"] = 16
+    tree["distributed"]["min_workers"] = None
+    check_batch_plan(config_from_dict(tree), "pretrain", 96)  # a fixed 4 workers: 16 = 2 x 4 x 2
+    tree["distributed"]["min_workers"] = 2  # ... but elastic, it may run at 3 workers
     with pytest.raises(ConfigError, match=r"global_batch_size=16 is not divisible by micro_batch_size 2 x 3 workers"):
-        check_batch_plan(config_from_dict(tree), "pretrain", 64)
+        check_batch_plan(config_from_dict(tree), "pretrain", 96)

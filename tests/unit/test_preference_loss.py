@@ -63,11 +63,10 @@ def test_sigmoid_dpo_with_and_without_label_smoothing():
 
 
 def test_ipo_is_squared_distance_to_half_inverse_beta():
-    losses, rc, rr = ipo_loss(_t(-0.5), _t(-1.5), _t(-1.0), _t(-1.0), beta=0.5)
+    losses = ipo_loss(_t(-0.5), _t(-1.5), _t(-1.0), _t(-1.0), beta=0.5)
     assert losses.item() == pytest.approx((1.0 - 1 / (2 * 0.5)) ** 2 + 0.0, abs=1e-9)  # z = 1 -> 0
-    losses, _, _ = ipo_loss(_t(-0.5), _t(-0.5), _t(-1.0), _t(-1.0), beta=0.25)
+    losses = ipo_loss(_t(-0.5), _t(-0.5), _t(-1.0), _t(-1.0), beta=0.25)
     assert losses.item() == pytest.approx((0 - 2.0) ** 2, abs=1e-9)
-    assert rc.item() == pytest.approx(0.25) and rr.item() == pytest.approx(-0.25)
 
 
 def test_orpo_odds_ratio_term():
@@ -122,7 +121,9 @@ def test_batch_ipo_uses_length_averaged_logps():
     reference = _logps([-6.0, -4.0], [2, 4])  # means −3, −1
     loss, m = preference_loss(PreferenceSettings("ipo", beta=0.5), policy, reference)
     assert loss.item() == pytest.approx((((-2 + 2) - (-3 + 1)) - 1.0) ** 2)  # (2 − 1)²
-    assert m["logps/chosen"].item() == pytest.approx(-2.0)
+    # Reported as TRL reports them (test_preference_loss_trl): summed log-probs and rewards on summed ratios.
+    assert m["logps/chosen"].item() == pytest.approx(-4.0)
+    assert m["rewards/chosen"].item() == pytest.approx(0.5 * (-4.0 + 6.0))
 
 
 def test_batch_orpo_is_token_mean_nll_minus_odds_term():
