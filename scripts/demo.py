@@ -58,9 +58,11 @@ def print_loss_table(config, result) -> None:
 def serve_and_ask(config) -> None:
     """Serve the final model on 127.0.0.1 (Ray Serve), ask one chat question over HTTP, shut down."""
     import json
+    import os
     import socket
     import urllib.request
 
+    import ray
     from ray import serve
 
     from orchestrator.runtime import quiet_serve_logger
@@ -85,7 +87,10 @@ def serve_and_ask(config) -> None:
         print(f"Q: {question}\nA: {answer['choices'][0]['message']['content'].strip()}")
         print(f"usage: {answer['usage']}")
     finally:
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):  # someone else's cluster: take down only what the demo started there
+            serve.shutdown()
+        else:  # the local cluster this process started goes with it (Serve's own shutdown logs a failed retry)
+            ray.shutdown()
 
 
 if __name__ == "__main__":

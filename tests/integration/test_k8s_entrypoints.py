@@ -95,8 +95,11 @@ def test_every_rayjob_entrypoint_of_the_dev_overlay_runs(entrypoints, tmp_path):
     results = next(line.split()[1:] for line in tune.splitlines() if line.startswith("results: "))
     assert all(Path(path).is_file() for path in results), results
 
-    assert sorted(stage_models(pipeline)) == ["pretrain", "sft"]
+    # The pipeline job runs all three stages: stage 3 (DPO) starts from stage 2's model.
+    assert sorted(stage_models(pipeline)) == ["preference", "pretrain", "sft"]
     assert (pipeline_dir / RUN / "models" / "sft" / "config.json").is_file()
+    preference = json.loads((pipeline_dir / RUN / "models" / "preference" / "lineage.json").read_text())
+    assert preference["stage"] == "preference" and preference["base_model"].rstrip("/").endswith("models/sft")
     check_quiet_output(pipeline, pipeline_dir / RUN)
 
 
