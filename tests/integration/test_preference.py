@@ -54,6 +54,18 @@ def stage_records(config) -> list[dict]:
     return read_metrics(RunLayout.of(config).logs("preference"))
 
 
+def full_zero3_on_real_pairs(tmp_path: Path, shared: Path, loss: str):
+    """(config, result) of full fine-tuning under ZeRO-3 with `loss` on 44 of MedicalGPT's pairs, 2 epochs."""
+    tree = make_config(tmp_path, shared, 3, {
+        "data": {"sources": [{"path": str(shared / "preference" / "dpo_zh_500.jsonl"), "max_records": 44}],
+                 "max_length": 128, "eval_split": 0.1},
+        "train": {"method": "full", "loss": loss, "beta": 0.1, "learning_rate": 3e-3, "epochs": 2,
+                  "micro_batch_size": 4, "warmup_steps": 0, "log_every_n_steps": 1, "precision": "fp32"},
+    })
+    config = config_from_dict(tree)
+    return config, run_stage(config, "preference")
+
+
 def test_lora_dpo_zero2_learns_survives_a_crash_and_exports(ray_cluster, tmp_path, shared_data):
     from transformers import AutoModelForCausalLM
 
@@ -94,14 +106,7 @@ def test_lora_dpo_zero2_learns_survives_a_crash_and_exports(ray_cluster, tmp_pat
 def test_full_dpo_zero3_with_a_partitioned_reference_on_real_pairs(ray_cluster, tmp_path, shared_data):
     from transformers import AutoModelForCausalLM
 
-    tree = make_config(tmp_path, shared_data, 3, {
-        "data": {"sources": [{"path": str(shared_data / "preference" / "dpo_zh_500.jsonl"), "max_records": 44}],
-                 "max_length": 128, "eval_split": 0.1},
-        "train": {"method": "full", "loss": "sigmoid", "beta": 0.1, "learning_rate": 3e-3, "epochs": 2,
-                  "micro_batch_size": 4, "warmup_steps": 0, "log_every_n_steps": 1, "precision": "fp32"},
-    })
-    config = config_from_dict(tree)
-    result = run_stage(config, "preference")
+    config, result = full_zero3_on_real_pairs(tmp_path, shared_data, "sigmoid")
     records = stage_records(config)
     steps = sorted((r for r in records if "train_loss" in r), key=lambda r: r["step"])
     assert [r["step"] for r in steps] == list(range(1, 11))  # 40 pairs / 2 workers / 4 = 5 steps per epoch
@@ -120,14 +125,7 @@ def test_full_orpo_zero3_without_a_reference_on_real_pairs(ray_cluster, tmp_path
     second, and the exported model loads."""
     from transformers import AutoModelForCausalLM
 
-    tree = make_config(tmp_path, shared_data, 3, {
-        "data": {"sources": [{"path": str(shared_data / "preference" / "dpo_zh_500.jsonl"), "max_records": 44}],
-                 "max_length": 128, "eval_split": 0.1},
-        "train": {"method": "full", "loss": "orpo", "beta": 0.1, "learning_rate": 3e-3, "epochs": 2,
-                  "micro_batch_size": 4, "warmup_steps": 0, "log_every_n_steps": 1, "precision": "fp32"},
-    })
-    config = config_from_dict(tree)
-    result = run_stage(config, "preference")
+    config, result = full_zero3_on_real_pairs(tmp_path, shared_data, "orpo")
     steps = sorted((r for r in stage_records(config) if "train_loss" in r), key=lambda r: r["step"])
     assert [r["step"] for r in steps] == list(range(1, 11))
     for record in steps:
