@@ -85,6 +85,11 @@ def schedule_for(rows: int, world_size: int, micro_batch_size: int, accumulation
                     total_steps=steps_per_epoch * epochs)
 
 
+def train_schedule(train: TrainConfig, rows: int, world_size: int) -> Schedule:
+    """`schedule_for` with the stage's micro-batch size, accumulation at that world size, and epochs."""
+    return schedule_for(rows, world_size, train.micro_batch_size, train.accumulation_steps(world_size), train.epochs)
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """Everything a worker needs for one stage; built on the driver, pickled to every worker.
@@ -120,8 +125,7 @@ class WorkerPlan:
     def schedule_at(self, world_size: int) -> Schedule:
         """The step schedule with `world_size` workers: each worker derives it from the size it runs at, which
         under elastic training (distributed.min_workers) may be less than distributed.num_workers."""
-        return schedule_for(self.train_rows, world_size, self.train.micro_batch_size,
-                            self.train.accumulation_steps(world_size), self.train.epochs)
+        return train_schedule(self.train, self.train_rows, world_size)
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from orchestrator.tracking import TrackingTarget
 from orchestrator.layout import reference_logps_file
 from orchestrator.train.deepspeed_config import build_deepspeed_config, load_user_deepspeed_config
 from orchestrator.train.metrics_log import follow_metrics
-from orchestrator.train.recipe import Schedule, WorkerPlan, schedule_for, train_loop_per_worker
+from orchestrator.train.recipe import Schedule, WorkerPlan, train_loop_per_worker, train_schedule
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def check_batch_plan(config: PipelineConfig, stage: str, train_rows: int) -> tup
         build_deepspeed_config(train_cfg, dist, world, resolve_precision(train_cfg.precision, dist.use_gpu, True),
                                deepspeed_user_config)
     accumulation = train_cfg.accumulation_steps(dist.num_workers)
-    schedule = schedule_for(train_rows, dist.num_workers, train_cfg.micro_batch_size, accumulation, train_cfg.epochs)
+    schedule = train_schedule(train_cfg, train_rows, dist.num_workers)
     if schedule.steps_per_epoch == 0:
         raise DataError(
             f"{stage}: {train_rows} training examples are too few for one optimizer step with "
