@@ -31,7 +31,7 @@ from orchestrator.data.shapes import resolve_dataset, shape_inputs
 from orchestrator.data.shards import ShardManifest, complete_sets, read_manifest, write_manifest
 from orchestrator.data.templates import select_template
 from orchestrator.data.units import Unit, main_amount, merge_summaries, plan_units, read_unit, replay_unit, tokenize_unit
-from orchestrator.errors import DataError, StorageError
+from orchestrator.errors import DataError, OrchestratorError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,36 @@ def held_out_texts(data: DataConfig) -> list[Document]:
 
 def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: str, set_uri: str,
               node_cache: NodeCacheConfig) -> list[dict[str, Any]]:
-    """Every unit through Ray Data: read tasks, then the tokenizer actor pool; the per-unit summaries come back."""
+    """Every unit through Ray Data: read tasks, then the tokenizer actor pool; the per-unit summaries come back.
+
+    The pipeline is driven from a Ray task on this node (it only schedules: no CPU of its own), not from this
+    process: Ray's notices about the actor pool (ray#53727) and Ray Data's execution lines then go to that worker's
+    log rather than to the user's console. Our own errors (bad input, storage) come back as they were raised.
+    """
     import ray
-    import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from orchestrator.runtime import ensure_ray
 
     ensure_ray()
-    settings = ray.put(storage.current_settings())  # credentials through the object store, not in task specs
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    task = ray.remote(_run_units_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
+    try:
+        return ray.get(task.remote(storage.current_settings(), stage, data, units, tokenizer_uri, set_uri,
+                                   node_cache))
+    except ray.exceptions.RayTaskError as failure:
+        if isinstance(failure.cause, OrchestratorError):
+            raise failure.cause from None
+        raise
+
+
+def _run_units_task(settings: storage.S3Settings, stage: str, data: DataConfig, units: list[Unit],
+                    tokenizer_uri: str, set_uri: str, node_cache: NodeCacheConfig) -> list[dict[str, Any]]:
+    import ray
+    import ray.data
+
+    storage.configure(settings)
+    settings_ref = ray.put(settings)  # credentials through the object store, not in task specs
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -213,11 +235,11 @@ def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: st
         # Ray Data spreads tasks and actors over the nodes. A read task reserves memory for its unit (the file, its
         # text and the converted items); that also keeps Ray Data from fusing the reads into the tokenizer actors,
         # which would cap reading at the number of actors.
-        .map(_read_unit_row, fn_kwargs={"stage": stage, "data": data, "settings": settings},
+        .map(_read_unit_row, fn_kwargs={"stage": stage, "data": data, "settings": settings_ref},
              num_cpus=prepare.cpus_per_read_task, memory=max(READ_MEMORY_FLOOR, 4 * unit_bytes),
              resources=prepare.resources or None)
         .map(_TokenizeUnits, fn_constructor_kwargs={"stage": stage, "data": data, "tokenizer_uri": tokenizer_uri,
-                                                    "set_uri": set_uri, "settings": settings,
+                                                    "set_uri": set_uri, "settings": settings_ref,
                                                     "node_cache": node_cache},
              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(prepare.tokenizer_actors, len(units)))),
              num_cpus=prepare.cpus_per_actor, resources=prepare.resources or None)

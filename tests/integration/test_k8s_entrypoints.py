@@ -117,6 +117,10 @@ def check_quiet_output(output: str, run: Path) -> None:
     # No library warnings (FutureWarning: …) and no info log lines. Ray's own notices to the driver may show
     # (e.g. "(autoscaler …) Warning: … cannot be scheduled right now" while the other jobs hold the CPUs).
     assert not re.search(r"\w+Warning\b", output) and " INFO " not in output, output
-    assert len(lines) < 30, output
+    # Ray's cluster-wide notices reach every driver and their number grows with the machine's load (on a slow
+    # machine: "WARNING: 26 PYTHON worker processes have been started…" every few workers); the budget is ours.
+    ours = [line for line in lines if not re.match(r"(\x1b\[\d+m)?\((raylet|autoscaler)", line)]
+    assert len(ours) < 30, output
+    assert "core_worker" not in output, output  # the driver's own Ray core prints nothing (ray#53727 notices)
     assert "pretrain: fitting with 1 workers" in (run / "logs" / "driver.log").read_text()
     assert "epoch 1/1 done" in (run / "logs" / "pretrain" / "worker-0.log").read_text()
