@@ -18,7 +18,7 @@ from orchestrator.data.epoch_order import worker_row_ids
 from orchestrator.data.prepare import prepare_stage_data
 from orchestrator.data.prepare_ray import prepare_stage_shards
 from orchestrator.data.shard_reader import ShardReader
-from orchestrator.errors import DataValidationError
+from orchestrator.errors import DataError, DataValidationError
 from ray_nodes import two_node_cluster
 
 pytestmark = pytest.mark.integration
@@ -152,6 +152,14 @@ def test_bad_records_of_every_task_in_one_report_or_skipped(two_nodes, tokenizer
     assert skipped.stats["skipped_records"] == 4 and skipped.stats["records"] == 120
     assert skipped.stats["bad_records_per_file"] == error.per_file
     assert len(skipped.manifest.part("train")) == 4
+
+    # A file a read task cannot decode stops the prepare with our own error, as raised in the task (the pipeline
+    # runs in a Ray task of its own: no RayTaskError wrapping, no traceback of Ray's in the message).
+    (src / "e.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError) as caught:
+        _prepare("pretrain", data, tokenizer_dir, tmp_path)
+    assert type(caught.value) is DataError, type(caught.value).__mro__
+    assert str(caught.value).startswith(f"{src / 'e.jsonl'}:1: not valid UTF-8"), str(caught.value)
 
 
 def test_cache_hit_prepares_nothing_and_a_miss_names_the_change(two_nodes, shared_data, tokenizer_dir, tmp_path,
