@@ -621,6 +621,8 @@ class WorkerRecipe:
         """Write this rank's part of a checkpoint into a temp dir and report it (Ray merges the ranks' dirs)."""
         state, rank, engine = self.state, self.rank, self.engine
         state.metrics = metrics
+        started, size = time.perf_counter(), 0
+        self.logs.write(state.global_step, {"event": "checkpoint", "checkpoint": "saving"})
         tmp = tempfile.mkdtemp(prefix="ckpt-")  # the context deletes it once stored (checkpoint.upload: async or sync)
         try:
             save_hf_model(engine, self.tokenizer, os.path.join(tmp, ckpt.MODEL_DIR), self.plan.distributed.zero_stage,
@@ -645,11 +647,17 @@ class WorkerRecipe:
             if rank == 0:
                 merged = {k: v for part in gathered for k, v in part.items()}
                 ckpt.write_manifest(tmp, merged, state, self.checkpoint_extra)
+                size = sum(entry["size"] for entry in merged.values())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        upload_async = self.plan.checkpoint.upload == "async"
         self.context.report(metrics, checkpoint_dir=tmp, checkpoint_dir_name=ckpt.checkpoint_dir_name(state.global_step),
-                            upload_async=self.plan.checkpoint.upload == "async")
+                            upload_async=upload_async)
+        # Written and stored (sync: Ray Train has uploaded every rank's part) or handed to the async upload.
+        self.logs.write(state.global_step, {"event": "checkpoint", "checkpoint": "uploading" if upload_async else "saved",
+                                            "checkpoint_mib": round(size / 2**20, 1),
+                                            "checkpoint_seconds": round(time.perf_counter() - started, 2)})
 
     # --- clean up ----------------------------------------------------------------------------------
     def cleanup(self) -> None:

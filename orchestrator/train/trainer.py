@@ -29,6 +29,19 @@ def show_progress(bar: progress.Step, record: dict[str, Any]) -> None:
                    lr=f"{record.get('learning_rate', 0):.2e}", tok_s=round(record.get("tokens_per_s", 0)))
     if "eval_loss" in record:
         bar.update(done=record.get("step"), eval_loss=round(record["eval_loss"], 4))
+    if record.get("event") == "checkpoint":
+        bar.update(ckpt=checkpoint_progress(record))
+    if record.get("event") == "resumed":
+        bar.update(done=record.get("step"), ckpt=f"resumed from step {record.get('step')}")
+
+
+def checkpoint_progress(record: dict[str, Any]) -> str:
+    """The training bar's checkpoint field: `saving step 40…`, then `step 40, 12.5 MiB in 0.9 s`."""
+    step = record.get("step")
+    if record.get("checkpoint") == "saving":
+        return f"saving step {step}…"
+    upload = " (uploading)" if record.get("checkpoint") == "uploading" else ""
+    return f"step {step}, {record.get('checkpoint_mib')} MiB in {record.get('checkpoint_seconds')} s{upload}"
 
 
 def reference_fingerprint(config: PipelineConfig, stage: str, data: PreparedData, base_model: str,

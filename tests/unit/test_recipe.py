@@ -23,7 +23,9 @@ from orchestrator.data.epoch_order import worker_row_ids
 from orchestrator.data.shards import ShardManifest, read_manifest, shard_name, token_table, write_manifest, write_shard
 from orchestrator.train.context import LocalCheckpoint, LocalTrainContext
 from orchestrator.train.metrics_log import read_metrics
+from orchestrator import progress
 from orchestrator.train.recipe import WorkerPlan, run_recipe
+from orchestrator.train.trainer import show_progress
 
 BLOCK = 32
 TRAIN_ROWS, EVAL_ROWS = 16, 4
@@ -124,6 +126,28 @@ def test_recipe_trains_reports_and_checkpoints_without_ray(first_run):
         trained = [i for micro in range(8) for i in rows[(epoch, micro)]]
         assert trained == worker_row_ids(counts, plan.train.seed, epoch, 1, 0).tolist()
         assert sorted(trained) == list(range(TRAIN_ROWS))
+
+
+def test_each_checkpoint_is_logged_while_saving_and_once_stored_and_shows_on_the_training_bar(first_run):
+    _, context, logs_dir = first_run
+    records = [r for r in read_metrics(str(logs_dir)) if r.get("event") == "checkpoint"]
+    assert [(r["step"], r["checkpoint"]) for r in records] == [
+        (step, phase) for step in (2, 4, 6, 8) for phase in ("saving", "uploading")]  # checkpoint.upload: async
+    for saved, report in zip(records[1::2], context.reports):
+        files = ckpt.verify_checkpoint(report.checkpoint_path)["files"]
+        assert saved["checkpoint_mib"] == round(sum(f["size"] for f in files.values()) / 2**20, 1) > 0
+        assert saved["checkpoint_seconds"] > 0
+
+    bar = progress.Step("pretrain: train", 8, "step", None)
+    show_progress(bar, records[-2])
+    assert bar.fields["ckpt"] == "saving step 8…"
+    show_progress(bar, records[-1])
+    assert bar.fields["ckpt"] == (f"step 8, {records[-1]['checkpoint_mib']} MiB in {records[-1]['checkpoint_seconds']} s"
+                                  " (uploading)")
+    show_progress(bar, {**records[-1], "checkpoint": "saved"})  # checkpoint.upload: sync
+    assert not bar.fields["ckpt"].endswith("(uploading)")
+    show_progress(bar, {"step": 6, "event": "resumed", "resumed_from": "x"})
+    assert bar.done == 6 and bar.fields["ckpt"] == "resumed from step 6"
 
 
 def test_resume_continues_at_the_next_step_with_the_same_losses(first_run, workspace, tmp_path):
