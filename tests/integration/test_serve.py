@@ -1,4 +1,5 @@
-"""Ray Serve over real HTTP on 127.0.0.1: OpenAI routes, streaming, parameters, validation, keys, adapters."""
+"""serve.engine=hf over real HTTP on 127.0.0.1: the conformance suite (tests/integration/serve_conformance.py), every
+generation parameter, multiplexed adapters, merge, autoscaling, batching, a replica killed under load."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from orchestrator.config import config_from_dict
 from orchestrator.train.stage import run_stage
 from s3_support import free_port
+from serve_conformance import API_KEYS, MAX_TOKENS_LIMIT, OpenAIConformance, has_openai_error_body, offline_greedy, post
 
 pytestmark = pytest.mark.integration
 # Replicas report load every 0.5 s instead of 10 s, so the autoscaling test runs in seconds.
@@ -21,7 +23,6 @@ pytestmark = pytest.mark.integration
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 REPO = Path(__file__).resolve().parents[2]
-KEY = "sk-orchestrator-test-key"
 
 
 def tiny_tree(tmp: Path) -> dict:
@@ -64,8 +65,9 @@ def served(ray_cluster, tmp_path_factory):
     result = run_stage(config_from_dict(tree), "sft")  # a merged tiny model from a real training run
     adapters = {"medical-a": make_adapter(result.model_uri, tmp / "a1", 1),
                 "medical-b": make_adapter(result.model_uri, tmp / "a2", 2)}
-    os.environ["ORCH_TEST_API_KEYS"] = f"other-key,{KEY}"
-    tree["serve"] = {"port": free_port(), "max_batch_size": 8, "max_tokens_limit": 200, "api_keys_env": "ORCH_TEST_API_KEYS", "adapters": adapters,
+    os.environ["ORCH_TEST_API_KEYS"] = API_KEYS
+    tree["serve"] = {"port": free_port(), "max_batch_size": 8, "max_tokens_limit": MAX_TOKENS_LIMIT,
+                     "api_keys_env": "ORCH_TEST_API_KEYS", "adapters": adapters,
                      "defaults": {"max_tokens": 16}}
     config = config_from_dict(tree)
     url = run_server(config, blocking=False)
@@ -73,44 +75,6 @@ def served(ray_cluster, tmp_path_factory):
         yield {"url": url, "model_dir": result.model_uri, "adapters": adapters, "name": "serve-it", "config": config}
     finally:
         serve.shutdown()
-
-
-def post(served, path: str, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if raw is not None:
-        return httpx.post(served["url"] + path, content=raw, headers={**headers, "Content-Type": "application/json"},
-                          timeout=60)
-    return httpx.post(served["url"] + path, json=body, headers=headers, timeout=60)
-
-
-def openai_client(served):
-    import openai
-
-    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def offline_greedy(model_dir: str, prompt: str, max_new: int, adapter: str | None = None) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.eval().generate(**ids, max_new_tokens=max_new, do_sample=False,
-                                    eos_token_id=model.generation_config.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def has_openai_error_body(text: str) -> bool:
-    try:
-        return bool(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return False
 
 
 def model_replicas(app_name: str) -> int:
@@ -122,46 +86,11 @@ def model_replicas(app_name: str) -> int:
     return deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
 
 
-def test_routes_with_the_openai_client(served):
-    client = openai_client(served)
-    assert [m.id for m in client.models.list().data] == ["serve-it", "medical-a", "medical-b"]
-    assert httpx.get(served["url"] + "/health", timeout=10).json() == {"status": "ok"}
-
-    completion = client.completions.create(model="serve-it", prompt="发烧", max_tokens=12, temperature=0)
-    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 12
-    assert completion.usage.prompt_tokens > 0
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-    assert completion.choices[0].text == offline_greedy(served["model_dir"], "发烧", 12)
-
-    chat = client.chat.completions.create(model="serve-it", max_tokens=12, temperature=0,
-                                          messages=[{"role": "system", "content": "你是医生"},
-                                                    {"role": "user", "content": "头疼怎么办？"}])
-    assert chat.choices[0].message.role == "assistant"
-    assert chat.choices[0].finish_reason in ("stop", "length")
+class TestConformance(OpenAIConformance):
+    """Routes, streaming, seeds, stop strings, every invalid request, keys: the suite both engines pass."""
 
 
-def test_streaming_equals_non_streaming_for_greedy(served):
-    client = openai_client(served)
-    for max_tokens in (8, 24):
-        full = client.completions.create(model="serve-it", prompt="高血压患者", max_tokens=max_tokens, temperature=0)
-        pieces = list(client.completions.create(model="serve-it", prompt="高血压患者", max_tokens=max_tokens,
-                                                 temperature=0, stream=True))
-        assert "".join(p.choices[0].text for p in pieces) == full.choices[0].text
-        assert pieces[-1].choices[0].finish_reason == full.choices[0].finish_reason
-        messages = [{"role": "user", "content": "感冒了吃什么？"}]
-        chat = client.chat.completions.create(model="serve-it", messages=messages, max_tokens=max_tokens,
-                                              temperature=0)
-        streamed = client.chat.completions.create(model="serve-it", messages=messages, max_tokens=max_tokens,
-                                                  temperature=0, stream=True)
-        assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
-    with httpx.stream("POST", served["url"] + "/v1/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "发烧", "max_tokens": 6, "stream": True, "temperature": 0}) as response:
-        lines = [line for line in response.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
-
-
-def test_every_generation_parameter_and_stop_strings(served):
+def test_every_generation_parameter_the_hf_engine_has(served):
     body = {"prompt": "糖尿病的饮食", "max_tokens": 20, "temperature": 0.8, "top_p": 0.9, "top_k": 20,
             "do_sample": True, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "seed": 11, "stop": ["。"]}
     first, second = post(served, "/v1/completions", body), post(served, "/v1/completions", body)
@@ -170,80 +99,6 @@ def test_every_generation_parameter_and_stop_strings(served):
     assert "。" not in first.json()["choices"][0]["text"]
     beams = post(served, "/v1/completions", {"prompt": "发烧", "max_tokens": 8, "num_beams": 3, "temperature": 0})
     assert beams.status_code == 200, beams.text
-
-    greedy = post(served, "/v1/completions", {"prompt": "发烧", "max_tokens": 30, "temperature": 0}).json()
-    text = greedy["choices"][0]["text"]
-    stop = next((text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip()), None)
-    assert stop, f"greedy output too short to pick a stop string from: {text!r}"
-    cut = post(served, "/v1/completions", {"prompt": "发烧", "max_tokens": 30, "temperature": 0, "stop": stop}).json()
-    assert cut["choices"][0]["text"] == text[: text.find(stop)]
-    assert cut["choices"][0]["finish_reason"] == "stop"
-    streamed = list(openai_client(served).completions.create(model="serve-it", prompt="发烧", max_tokens=30,
-                                                             temperature=0, stop=stop, stream=True))
-    assert "".join(p.choices[0].text for p in streamed) == text[: text.find(stop)]
-
-
-INVALID = [
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "temperature": 2.5}, "temperature"),
-    ({"prompt": "x", "top_p": 2}, "top_p"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_k": -1}, "top_k"),
-    ({"prompt": "x", "num_beams": 0}, "num_beams"),
-    ({"prompt": "x", "num_beams": 9}, "num_beams"),
-    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-    ({"prompt": "x", "no_repeat_ngram_size": -2}, "no_repeat_ngram_size"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 201}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "x", "do_sample": "yes"}, "do_sample"),
-    ({"prompt": "x", "seed": -1}, "seed"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "stream": True, "num_beams": 2}, "num_beams"),
-    ({"prompt": "x", "temperature": 0, "do_sample": True}, "temperature"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "   "}, "prompt"),
-    ({}, "prompt"),
-    ({"prompt": "发烧" * 200, "max_tokens": 100}, "max_tokens"),
-]
-
-
-@pytest.mark.parametrize("body,param", INVALID)
-def test_invalid_completion_requests_are_400_with_an_openai_body(served, body, param):
-    response = post(served, "/v1/completions", body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
-
-
-@pytest.mark.parametrize("body,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"},
-                   {"role": "user", "content": "hi"}]}, "messages[1].role"),
-])
-def test_invalid_chat_requests_are_400(served, body, param):
-    response = post(served, "/v1/chat/completions", body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-
-
-def test_bad_json_unknown_routes_models_and_keys(served):
-    bad = post(served, "/v1/completions", None, raw=b"{not json")
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-    not_json_object = post(served, "/v1/completions", None, raw=b"[1, 2]")
-    assert not_json_object.status_code == 400
-    missing = httpx.get(served["url"] + "/v1/nothing-here", timeout=10)
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    unknown = post(served, "/v1/completions", {"prompt": "x", "model": "no-such-model"})
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
-    for key in (None, "wrong-key"):
-        denied = post(served, "/v1/completions", {"prompt": "x", "max_tokens": 2}, key=key)
-        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
-    assert post(served, "/v1/completions", {"prompt": "x", "max_tokens": 2}, key="other-key").status_code == 200
 
 
 def test_adapters_are_multiplexed_per_request(served):
