@@ -33,7 +33,7 @@ from ray import serve
 from orchestrator import storage
 from orchestrator.config import PipelineConfig, load_config
 from orchestrator.runtime import configure_storage
-from orchestrator.serve.http import authorize, install_error_handlers, parse_json, replica_lost, unavailable
+from orchestrator.serve.http import authorize, install_error_handlers, on_a_live_replica, parse_json, stream_failure
 from orchestrator.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="orchestrator: OpenAI-compatible API")
 install_error_handlers(api)
 LLMRequest = Union[CompletionRequest, ChatRequest]
-REPLICA_ATTEMPTS = 4  # tries of a non-streaming request across replicas before answering 503
-RETRY_PAUSE_S = 0.25  # between tries: time for Serve to see the dead replica and route elsewhere
 
 
 @dataclass(frozen=True)
@@ -200,21 +198,9 @@ class OpenAIIngress:
         return self._handles[key]
 
     async def _complete(self, request: LLMRequest) -> Any:
-        """A non-streaming request; sent again to another replica when its replica dies (generation has no
-        side effects, so a retry is safe)."""
+        """A non-streaming request; sent again to another replica when its replica dies."""
         handle = self._handle(self._adapter_name(request.model), stream=False)
-        for attempt in range(1, REPLICA_ATTEMPTS + 1):
-            try:
-                result = await handle.complete.remote(request)
-                break
-            except Exception as exc:
-                if not replica_lost(exc):
-                    raise
-                log.warning("replica lost during a request (attempt %d of %d): %s", attempt, REPLICA_ATTEMPTS,
-                            type(exc).__name__)
-                if attempt == REPLICA_ATTEMPTS:
-                    raise unavailable(attempt) from None
-                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        result = await on_a_live_replica(lambda: handle.complete.remote(request))
         if isinstance(result, Failure):
             raise result.error()
         return result
@@ -223,17 +209,12 @@ class OpenAIIngress:
         """SSE events. The first event is awaited before answering, so a 400 stays a 400; a replica lost before
         anything was sent is retried, one lost later ends the stream with an error event."""
         handle = self._handle(self._adapter_name(request.model), stream=True)
-        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+
+        async def first_event() -> tuple[Any, Any]:
             events = handle.stream.remote(request)
-            try:
-                head = await events.__anext__()
-                break
-            except Exception as exc:
-                if not replica_lost(exc):
-                    raise
-                if attempt == REPLICA_ATTEMPTS:
-                    raise unavailable(attempt) from None
-                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+            return events, await events.__anext__()
+
+        events, head = await on_a_live_replica(first_event)
         if isinstance(head, Failure):
             raise head.error()
 
@@ -253,10 +234,7 @@ class OpenAIIngress:
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
-                    log.warning("stream ended early: %s", type(exc).__name__)
-                    error = unavailable(1) if replica_lost(exc) else OpenAIError(
-                        500, f"internal error: {type(exc).__name__}", code="internal_error")
-                    yield sse(error.body())
+                    yield sse(stream_failure(exc).body())
                     break
             yield "data: [DONE]\n\n"
 

@@ -3,18 +3,22 @@ failure (including unknown routes and crashes), and what counts as a lost replic
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from orchestrator.config import ServeConfig
 from orchestrator.errors import ConfigError
 from orchestrator.serve.protocol import OpenAIError
 
 log = logging.getLogger(__name__)
+REPLICA_ATTEMPTS = 4  # tries of a request across replicas before answering 503
+RETRY_PAUSE_S = 0.25  # between tries: time for Serve to see the dead replica and route elsewhere
+T = TypeVar("T")
 
 
 def digest(key: str) -> str:
@@ -85,6 +89,31 @@ def replica_lost(exc: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+async def on_a_live_replica(send: Callable[[], Awaitable[T]]) -> T:
+    """`await send()`, sent again (after a pause) while the replica answering it is lost: a generation has no side
+    effects, so a retry is safe. A 503 (OpenAI body) after REPLICA_ATTEMPTS lost replicas."""
+    for attempt in range(1, REPLICA_ATTEMPTS + 1):
+        try:
+            return await send()
+        except Exception as exc:
+            if not replica_lost(exc):
+                raise
+            log.warning("replica lost during a request (attempt %d of %d): %s", attempt, REPLICA_ATTEMPTS,
+                        type(exc).__name__)
+            if attempt == REPLICA_ATTEMPTS:
+                raise unavailable(attempt) from None
+            await asyncio.sleep(RETRY_PAUSE_S * attempt)
+    raise AssertionError("REPLICA_ATTEMPTS must be at least 1")
+
+
+def stream_failure(exc: BaseException) -> OpenAIError:
+    """The error event that ends a stream whose generation failed after its first event."""
+    log.warning("stream ended early: %s", type(exc).__name__)
+    if replica_lost(exc):
+        return unavailable(1)
+    return OpenAIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
 
 def unavailable(attempts: int) -> OpenAIError:

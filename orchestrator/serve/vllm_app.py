@@ -19,18 +19,20 @@ nor settings to the ingress; this module wires the same two pieces with those ar
 
 # No `from __future__ import annotations` here: FastAPI must see real types to inject `Request`.
 import asyncio
+import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from orchestrator import storage
 from orchestrator.config import PipelineConfig, ServeConfig
 from orchestrator.errors import ConfigError
-from orchestrator.serve.http import authorize, install_error_handlers, parse_json
+from orchestrator.serve.http import authorize, install_error_handlers, on_a_live_replica, parse_json, stream_failure
 from orchestrator.serve.protocol import OpenAIError, parse_chat, parse_completion
 from orchestrator.serve.settings import ServeSettings, replica_options, serve_settings
 from orchestrator.serve.vllm_request import refuse_unsupported, vllm_body
@@ -144,10 +146,18 @@ def _ingress_class() -> Any:
             parsed = parse(body, self.settings.defaults, self.settings.max_tokens_limit)
             forwarded = body_cls.model_validate(vllm_body(parsed, body, self.settings.served_model_name,
                                                           self.settings.adapters))
-            try:
-                return await self._process_llm_request(forwarded, call_method=method, raw_request=request)
-            except OpenAIHTTPException as exc:  # vLLM's own refusal (e.g. the prompt is too long): our body
-                raise _as_openai_error(exc.status_code, exc.message) from None
+
+            async def send() -> Any:
+                try:
+                    return await self._process_llm_request(forwarded, call_method=method, raw_request=request)
+                except OpenAIHTTPException as exc:  # vLLM's own refusal (e.g. the prompt is too long): our body
+                    raise _as_openai_error(exc.status_code, exc.message) from None
+
+            # ray.serve.llm awaits the first chunk before answering: a replica lost until then is retried.
+            response = await on_a_live_replica(send)
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = _ending_in_an_error_event(response.body_iterator)
+            return response
 
         async def completions(self, request: Request) -> Any:
             return await self._forward(request, parse_completion, CompletionRequest, "completions")
@@ -165,6 +175,17 @@ def _ingress_class() -> Any:
             return {"status": "ok"}
 
     return VLLMIngress
+
+
+async def _ending_in_an_error_event(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """ray.serve.llm's SSE events; a generation that fails midway (its replica lost) ends with an error event
+    and `[DONE]`, as on the HF engine, rather than a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        yield f"data: {json.dumps(stream_failure(exc).body(), ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 def _as_openai_error(status: int, message: str) -> OpenAIError:

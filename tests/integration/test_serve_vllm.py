@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from orchestrator.config import config_from_dict
 from s3_support import free_port
-from serve_conformance import API_KEYS, MAX_TOKENS_LIMIT, OpenAIConformance, post
+from serve_conformance import API_KEYS, KEY, MAX_TOKENS_LIMIT, OpenAIConformance, has_openai_error_body, post
 
 pytestmark = pytest.mark.integration
 try:
@@ -68,6 +69,7 @@ def served(ray_cluster, tmp_path_factory):
     tree = {"run_name": "serve-vllm", "model": {"base": model_dir},
             "serve": {"engine": "vllm", "model": model_dir, "port": free_port(), "max_tokens_limit": MAX_TOKENS_LIMIT,
                       "api_keys_env": "ORCH_VLLM_TEST_KEYS", "adapters": adapters, "num_cpus_per_replica": 1,
+                      "num_replicas": 2,  # the conformance suite on two replicas; the last test kills one
                       "defaults": {"max_tokens": 8},
                       "vllm": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
                                "cpu_kv_cache_gib": 1, "max_lora_rank": 8}}}
@@ -100,3 +102,44 @@ def test_what_vllm_cannot_honour_is_a_400_pointing_at_the_hf_engine(served):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and "serve.engine: hf" in error["message"], error
+
+
+def test_a_replica_killed_under_load_loses_no_request(served):
+    """200 requests at concurrency 8 (10% invalid), one of the two vLLM replicas SIGKILLed after 50: every valid
+    non-streaming request is answered 200 (sent again to the other replica), every invalid one 400; every
+    failure has an OpenAI body. Runs last: the killed replica is still restarting when the module ends."""
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    replicas = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("SERVE_REPLICA::") and "LLMServer" in a["name"])
+    assert len(replicas) == 2, replicas
+    pid = ray.get(ray.get_actor(replicas[0], namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+    answered, killed, local = [], threading.Event(), threading.local()
+
+    def one(i: int) -> tuple[bool, int, str]:
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+        valid = i % 10 != 3
+        body = {"prompt": ["发烧", "头疼怎么办", "感冒"][i % 3], "max_tokens": 12, "temperature": 0 if valid else -1}
+        response = local.http.post(served["url"] + "/v1/completions", json=body)
+        answered.append(i)
+        if len(answered) == 50 and not killed.is_set():
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+        return valid, response.status_code, response.text
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(200)))
+    assert killed.is_set()
+    valid = [(status, text) for ok, status, text in results if ok]
+    invalid = [(status, text) for ok, status, text in results if not ok]
+    failed = [(status, text) for status, text in valid if status != 200]
+    plain = [text for _, text in failed + invalid if not has_openai_error_body(text)]
+    print(f"vLLM replica kill: {len(valid) - len(failed)}/{len(valid)} valid answered 200")
+    assert not plain, f"{len(plain)} responses without an OpenAI JSON body: {[t[:200] for t in plain[:3]]}"
+    assert not failed, f"{len(failed)} of {len(valid)} valid requests failed: {[f[:200] for _, f in failed[:3]]}"
+    assert all(status == 400 for status, _ in invalid)

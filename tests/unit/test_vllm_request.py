@@ -61,3 +61,26 @@ def test_defaults_vllm_cannot_honour_are_a_config_error():
                                "serve": {"engine": "vllm", "defaults": {"num_beams": 2}}})
     with pytest.raises(ConfigError, match="serve.defaults.num_beams"):
         refuse_defaults(config.serve)
+
+
+def test_a_stream_cut_by_a_lost_replica_ends_with_an_error_event_and_done():
+    import asyncio
+    import json
+
+    from ray.exceptions import ActorDiedError
+
+    from orchestrator.serve.vllm_app import _ending_in_an_error_event
+
+    async def events(fail: BaseException | None):
+        yield 'data: {"choices": [{"text": "发"}]}\n\n'
+        if fail is not None:
+            raise fail
+        yield "data: [DONE]\n\n"
+
+    async def collect(fail: BaseException | None) -> list[str]:
+        return [event async for event in _ending_in_an_error_event(events(fail))]
+
+    assert asyncio.run(collect(None)) == ['data: {"choices": [{"text": "发"}]}\n\n', "data: [DONE]\n\n"]
+    for fail, code in ((ActorDiedError(), "replica_unavailable"), (RuntimeError("boom"), "internal_error")):
+        first, error, done = asyncio.run(collect(fail))
+        assert json.loads(error.removeprefix("data: "))["error"]["code"] == code and done == "data: [DONE]\n\n"
