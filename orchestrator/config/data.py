@@ -206,7 +206,7 @@ class PrepareConfig(Section):
     )
     tokenizer_actors: int = Field(
         2, ge=1, description="Most tokenizer actors in the pool (each loads the tokenizer once); the pool starts "
-        "with one and grows while CPUs are free, so read tasks always find a CPU.",
+        "with as many as the data nodes' CPUs hold beside one read task each and grows while CPUs are free.",
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each tokenizer actor holds.")
     cpus_per_read_task: float = Field(0.5, gt=0, description="CPUs each read/validate/convert task holds (reading "

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from orchestrator import storage
-from orchestrator.config import DataConfig, NodeCacheConfig
+from orchestrator.config import DataConfig, NodeCacheConfig, PrepareConfig
 from orchestrator.data.formats import Document
 from orchestrator.data.fingerprint import Fingerprint, compute_fingerprint, describe_change, file_identity, id_settings
 from orchestrator.data.readers import SUPPORTED_SUFFIXES
@@ -206,19 +206,36 @@ def run_units(stage: str, data: DataConfig, units: list[Unit], tokenizer_uri: st
     from orchestrator.runtime import ensure_ray
 
     ensure_ray()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    initial_actors = starting_actors(data.prepare, len(units), nodes)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     task = ray.remote(_run_units_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here)
     try:
         return ray.get(task.remote(storage.current_settings(), stage, data, units, tokenizer_uri, set_uri,
-                                   node_cache))
+                                   node_cache, initial_actors))
     except ray.exceptions.RayTaskError as failure:
         if isinstance(failure.cause, OrchestratorError):
             raise failure.cause from None
         raise
 
 
+def starting_actors(prepare: PrepareConfig, units: int, nodes: list[dict[str, float]]) -> int:
+    """Tokenizer actors the pool starts with: as many as the data nodes' CPUs hold with room for one read task
+    beside each (at most `tokenizer_actors`, one per unit, at least one); Ray Data grows the pool from there
+    while CPUs are free. (Started with one, the pool can stay at one: the read tasks take every free CPU.)
+    `nodes`: each live node's resources; data nodes are those with every resource `prepare.resources` names."""
+    most = max(1, min(prepare.tokenizer_actors, units))
+    per_actor = prepare.cpus_per_actor + prepare.cpus_per_read_task
+    fits = 0
+    for resources in nodes:
+        if all(resources.get(name, 0) >= amount for name, amount in prepare.resources.items()):
+            fits += int(resources.get("CPU", 0) // per_actor + 1e-9)
+    return max(1, min(most, fits))
+
+
 def _run_units_task(settings: storage.S3Settings, stage: str, data: DataConfig, units: list[Unit],
-                    tokenizer_uri: str, set_uri: str, node_cache: NodeCacheConfig) -> list[dict[str, Any]]:
+                    tokenizer_uri: str, set_uri: str, node_cache: NodeCacheConfig,
+                    initial_actors: int) -> list[dict[str, Any]]:
     import ray
     import ray.data
 
@@ -241,7 +258,8 @@ def _run_units_task(settings: storage.S3Settings, stage: str, data: DataConfig, 
         .map(_TokenizeUnits, fn_constructor_kwargs={"stage": stage, "data": data, "tokenizer_uri": tokenizer_uri,
                                                     "set_uri": set_uri, "settings": settings_ref,
                                                     "node_cache": node_cache},
-             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(prepare.tokenizer_actors, len(units)))),
+             compute=ray.data.ActorPoolStrategy(min_size=initial_actors,
+                                                max_size=max(1, min(prepare.tokenizer_actors, len(units)))),
              num_cpus=prepare.cpus_per_actor, resources=prepare.resources or None)
         .take_all()
     )

@@ -158,3 +158,18 @@ def test_held_out_documents_keep_their_last_short_block(tmp_path, shared_data, m
     lengths = [len(r) for r in read_shard(str(tmp_path), manifest.part("eval")[0]).column("input_ids").to_pylist()]
     assert all(n == 512 for n in lengths[:-1]) and 0 < lengths[-1] <= 512
     assert manifest.stats["train_tokens"] % 512 == 0  # training blocks stay full
+
+
+def test_the_tokenizer_pool_starts_with_what_the_data_nodes_hold_beside_a_read_task_each():
+    from orchestrator.config import PrepareConfig
+    from orchestrator.data.prepare_ray import starting_actors
+
+    prepare = PrepareConfig(tokenizer_actors=4, cpus_per_actor=0.5, cpus_per_read_task=0.5)
+    head, one_core = {"CPU": 0.0}, {"CPU": 1.0}
+    assert starting_actors(prepare, 12, [head, one_core]) == 1
+    assert starting_actors(prepare, 12, [head, one_core, one_core]) == 2  # one per node, not one in all
+    assert starting_actors(prepare, 12, [{"CPU": 16.0}]) == 4  # at most tokenizer_actors
+    assert starting_actors(prepare, 3, [{"CPU": 16.0}]) == 3  # at most one per unit
+    assert starting_actors(prepare, 12, [head]) == 1  # at least one (Ray Data waits for a CPU)
+    labelled = prepare.model_copy(update={"resources": {"data": 1.0}})
+    assert starting_actors(labelled, 12, [{"CPU": 8.0}, {"CPU": 2.0, "data": 1.0}]) == 2  # the labelled pool only
