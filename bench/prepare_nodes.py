@@ -1,6 +1,6 @@
 """Prepare throughput with one data node and with two (#17's scaling goal), each data node on a core of its own.
 
-    python bench/prepare_nodes.py [SIZE_MB]     # default 100; results in bench/results/prepare_nodes.json
+    python bench/prepare_nodes.py [SIZE_MB]     # default 200; results in bench/results/prepare_nodes.json
 
 A local multi-node cluster (ray.cluster_utils.Cluster): a head node with no CPUs (the driver, Ray's control
 processes and the zero-CPU task that drives Ray Data) and N data nodes of 1 CPU each. Each data node's raylet is
@@ -99,4 +99,4 @@ def main(size_mb: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
