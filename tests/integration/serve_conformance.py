@@ -15,6 +15,10 @@ stays in that engine's module.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -63,6 +67,49 @@ def has_openai_error_body(text: str) -> bool:
         return bool(json.loads(text)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def replica_pid(actor_name: str) -> int:
+    """The process id of a Serve replica (by its actor name, namespace "serve")."""
+    import ray
+
+    return ray.get(ray.get_actor(actor_name, namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+
+
+def load_with_a_replica_kill(url: str, victim: int, requests: int, concurrency: int, kill_after: int,
+                             key: str | None = None) -> list[tuple[bool, int, str]]:
+    """`requests` completions at `concurrency` (every tenth invalid: temperature -1), the process `victim`
+    SIGKILLed once `kill_after` are answered; (valid, status, body) of each."""
+    answered, killed, local = [], threading.Event(), threading.local()
+
+    def one(i: int) -> tuple[bool, int, str]:
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})
+        valid = i % 10 != 3
+        body = {"prompt": ["发烧", "头疼怎么办", "感冒"][i % 3], "max_tokens": 12, "temperature": 0 if valid else -1}
+        response = local.http.post(url + "/v1/completions", json=body)
+        answered.append(i)
+        if len(answered) == kill_after and not killed.is_set():
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+        return valid, response.status_code, response.text
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    assert killed.is_set(), "the load ended before the replica was killed"
+    return results
+
+
+def assert_no_request_lost(results: list[tuple[bool, int, str]], label: str) -> None:
+    """Every valid request answered 200, every invalid one 400, and no body that is not an OpenAI one."""
+    valid = [(status, text) for ok, status, text in results if ok]
+    invalid = [(status, text) for ok, status, text in results if not ok]
+    failed = [(status, text) for status, text in valid if status != 200]
+    plain = [text for _, text in failed + invalid if not has_openai_error_body(text)]
+    print(f"{label}: {len(valid) - len(failed)}/{len(valid)} valid answered 200")
+    assert not plain, f"{len(plain)} responses without an OpenAI JSON body: {[t[:200] for t in plain[:3]]}"
+    assert not failed, f"{len(failed)} of {len(valid)} valid requests failed: {[f[:200] for _, f in failed[:3]]}"
+    assert all(status == 400 for status, _ in invalid)
 
 
 INVALID = [

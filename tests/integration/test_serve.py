@@ -15,7 +15,8 @@ import torch
 from orchestrator.config import config_from_dict
 from orchestrator.train.stage import run_stage
 from s3_support import free_port
-from serve_conformance import API_KEYS, MAX_TOKENS_LIMIT, OpenAIConformance, has_openai_error_body, offline_greedy, post
+from serve_conformance import (API_KEYS, MAX_TOKENS_LIMIT, OpenAIConformance, assert_no_request_lost, load_with_a_replica_kill,
+                               offline_greedy, post, replica_pid)
 
 pytestmark = pytest.mark.integration
 # Replicas report load every 0.5 s instead of 10 s, so the autoscaling test runs in seconds.
@@ -216,10 +217,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(served):
 def test_a_replica_killed_under_load_loses_no_request(served):
     """400 requests at concurrency 16 (10% invalid) while one of two model replicas is SIGKILLed: every valid
     request is answered 200 (retried on the other replica), every invalid one 400; no body is plain text."""
-    import signal
-    import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import ray
     from ray import serve
@@ -236,34 +234,9 @@ def test_a_replica_killed_under_load_loses_no_request(served):
     assert model_replicas("faults") == 2
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::faults#ModelServer#")]
-    victim = ray.get_actor(replicas[0], namespace="serve")
-    pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
-    answered, killed = [], threading.Event()
-    local = threading.local()
-
-    def one(i: int) -> tuple[bool, int, str]:
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=120)
-        valid = i % 10 != 3
-        body = {"prompt": ["发烧", "头疼怎么办", "感冒"][i % 3], "max_tokens": 12, "temperature": 0 if valid else -1}
-        response = local.http.post(served["url"] + "/faults/v1/completions", json=body)
-        answered.append(i)
-        if len(answered) == 100 and not killed.is_set():
-            os.kill(pid, signal.SIGKILL)
-            killed.set()
-        return valid, response.status_code, response.text
-
     try:
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(one, range(400)))
+        results = load_with_a_replica_kill(served["url"] + "/faults", replica_pid(replicas[0]), requests=400,
+                                           concurrency=16, kill_after=100)
     finally:
         serve.delete("faults")
-    assert killed.is_set()
-    valid = [(status, text) for ok, status, text in results if ok]
-    invalid = [(status, text) for ok, status, text in results if not ok]
-    failed = [(status, text) for status, text in valid if status != 200]
-    plain = [text for _, text in failed + invalid if not has_openai_error_body(text)]
-    print(f"replica kill: {len(valid) - len(failed)}/{len(valid)} valid answered 200")
-    assert not plain, f"{len(plain)} responses without an OpenAI JSON body: {[t[:200] for t in plain[:3]]}"
-    assert not failed, f"{len(failed)} of {len(valid)} valid requests failed: {[f[:200] for _, f in failed[:3]]}"
-    assert all(status == 400 for status, _ in invalid)
+    assert_no_request_lost(results, "replica kill")

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from orchestrator.config import config_from_dict
 from s3_support import free_port
-from serve_conformance import (API_KEYS, KEY, MAX_TOKENS_LIMIT, OpenAIConformance, has_openai_error_body, offline_greedy,
-                               post)
+from serve_conformance import (API_KEYS, KEY, MAX_TOKENS_LIMIT, OpenAIConformance, assert_no_request_lost,
+                               load_with_a_replica_kill, offline_greedy, post, replica_pid)
 
 pytestmark = pytest.mark.integration
 try:
@@ -112,38 +111,11 @@ def test_a_replica_killed_under_load_loses_no_request(served):
     """200 requests at concurrency 8 (10% invalid), one of the two vLLM replicas SIGKILLed after 50: every valid
     non-streaming request is answered 200 (sent again to the other replica), every invalid one 400; every
     failure has an OpenAI body. Runs last: the killed replica is still restarting when the module ends."""
-    import signal
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     import ray
 
     replicas = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                       if a["name"].startswith("SERVE_REPLICA::") and "LLMServer" in a["name"])
     assert len(replicas) == 2, replicas
-    pid = ray.get(ray.get_actor(replicas[0], namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
-    answered, killed, local = [], threading.Event(), threading.local()
-
-    def one(i: int) -> tuple[bool, int, str]:
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"})
-        valid = i % 10 != 3
-        body = {"prompt": ["发烧", "头疼怎么办", "感冒"][i % 3], "max_tokens": 12, "temperature": 0 if valid else -1}
-        response = local.http.post(served["url"] + "/v1/completions", json=body)
-        answered.append(i)
-        if len(answered) == 50 and not killed.is_set():
-            os.kill(pid, signal.SIGKILL)
-            killed.set()
-        return valid, response.status_code, response.text
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(200)))
-    assert killed.is_set()
-    valid = [(status, text) for ok, status, text in results if ok]
-    invalid = [(status, text) for ok, status, text in results if not ok]
-    failed = [(status, text) for status, text in valid if status != 200]
-    plain = [text for _, text in failed + invalid if not has_openai_error_body(text)]
-    print(f"vLLM replica kill: {len(valid) - len(failed)}/{len(valid)} valid answered 200")
-    assert not plain, f"{len(plain)} responses without an OpenAI JSON body: {[t[:200] for t in plain[:3]]}"
-    assert not failed, f"{len(failed)} of {len(valid)} valid requests failed: {[f[:200] for _, f in failed[:3]]}"
-    assert all(status == 400 for status, _ in invalid)
+    results = load_with_a_replica_kill(served["url"], replica_pid(replicas[0]), requests=200, concurrency=8,
+                                       kill_after=50, key=KEY)
+    assert_no_request_lost(results, "vLLM replica kill")
