@@ -229,7 +229,7 @@ def starting_actors(prepare: PrepareConfig, units: int, nodes: list[dict[str, fl
     fits = 0
     for resources in nodes:
         if all(resources.get(name, 0) >= amount for name, amount in prepare.resources.items()):
-            fits += int(resources.get("CPU", 0) // per_actor + 1e-9)
+            fits += int(resources.get("CPU", 0) / per_actor + 1e-9)  # 0.3 CPU / 0.1 is 2.9999…
     return max(1, min(most, fits))
 
 

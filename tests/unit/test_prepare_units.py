@@ -173,3 +173,5 @@ def test_the_tokenizer_pool_starts_with_what_the_data_nodes_hold_beside_a_read_t
     assert starting_actors(prepare, 12, [head]) == 1  # at least one (Ray Data waits for a CPU)
     labelled = prepare.model_copy(update={"resources": {"data": 1.0}})
     assert starting_actors(labelled, 12, [{"CPU": 8.0}, {"CPU": 2.0, "data": 1.0}]) == 2  # the labelled pool only
+    small = PrepareConfig(tokenizer_actors=4, cpus_per_actor=0.05, cpus_per_read_task=0.05)
+    assert starting_actors(small, 12, [{"CPU": 0.3}]) == 3  # 0.3 / 0.1 in floats is 2.9999…
