@@ -22,6 +22,9 @@ from orchestrator.train.recipe import Schedule, WorkerPlan, train_loop_per_worke
 log = logging.getLogger(__name__)
 
 
+UPLOADING = " (uploading)"  # the training bar's checkpoint field while an asynchronous upload may still run
+
+
 def show_progress(bar: progress.Step, record: dict[str, Any]) -> None:
     """A metrics record of rank 0 on the training step's progress bar."""
     if "train_loss" in record:
@@ -40,7 +43,7 @@ def checkpoint_progress(record: dict[str, Any]) -> str:
     step = record.get("step")
     if record.get("checkpoint") == "saving":
         return f"saving step {step}…"
-    upload = " (uploading)" if record.get("checkpoint") == "uploading" else ""
+    upload = UPLOADING if record.get("checkpoint") == "uploading" else ""
     return f"step {step}, {record.get('checkpoint_mib')} MiB in {record.get('checkpoint_seconds')} s{upload}"
 
 
@@ -116,9 +119,12 @@ def fit_stage(
     )
     log.info("%s: fitting with %s workers, schedule %s", stage,
              f"{dist.min_workers}-{dist.num_workers}" if dist.elastic else dist.num_workers, schedule)
-    with progress.step(f"{stage}: train", total=schedule.total_steps, unit="step") as bar, \
-            follow_metrics(logs_dir, lambda record: show_progress(bar, record)):
-        result = trainer.fit()
+    with progress.step(f"{stage}: train", total=schedule.total_steps, unit="step") as bar:
+        with follow_metrics(logs_dir, lambda record: show_progress(bar, record)):
+            result = trainer.fit()
+        # fit() returns once every checkpoint is stored, the last one's asynchronous upload included.
+        if str(bar.fields.get("ckpt", "")).endswith(UPLOADING):
+            bar.update(ckpt=bar.fields["ckpt"].removesuffix(UPLOADING))
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: training finished without a checkpoint")
     return FitOutcome(storage.to_uri(result.checkpoint.path, filesystem), dict(result.metrics or {}),

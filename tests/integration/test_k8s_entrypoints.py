@@ -109,8 +109,9 @@ def check_quiet_output(output: str, run: Path) -> None:
     lines = output.splitlines()
     for stage in ("pretrain", "sft"):
         assert any(line.startswith(f"✓ {stage}: prepare data") and "tokens=" in line for line in lines), output
+        # the last checkpoint on the finished line, stored (fit() has waited for its upload)
         assert any(line.startswith(f"✓ {stage}: train ") and "loss=" in line and "eval_loss=" in line
-                   for line in lines), output
+                   and re.search(r"ckpt=step \d+, [\d.]+ MiB in [\d.]+ s$", line) for line in lines), output
         assert any(line.startswith(f"✓ {stage}: export model") for line in lines), output
     assert f"run         {run}" in lines, output
     assert "RayTrainWorker" not in output and "pid=" not in output, output  # no worker log lines
