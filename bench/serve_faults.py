@@ -32,6 +32,11 @@ KEY = "sk-bench-faults"
 QUESTIONS = ["发烧时应该怎么办？", "头疼怎么办？", "感冒了吃什么？", "高血压患者应该注意什么？"]
 
 
+def results_file(engine: str) -> Path:
+    """Where a run on `engine` writes its counts (bench/recorded.py reads them back)."""
+    return BENCH / "results" / ("serve_faults.json" if engine == "hf" else f"serve_faults_{engine}.json")
+
+
 def openai_body(text: str) -> bool:
     try:
         return bool(json.loads(text)["error"]["message"])
@@ -114,8 +119,7 @@ def main() -> int:
                                           if result["failures"] else 1.0)
     (BENCH / "results").mkdir(parents=True, exist_ok=True)
     result["engine"] = args.engine
-    name = "serve_faults.json" if args.engine == "hf" else f"serve_faults_{args.engine}.json"
-    (BENCH / "results" / name).write_text(json.dumps(result, indent=1))
+    results_file(args.engine).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
